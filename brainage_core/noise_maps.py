@@ -1,0 +1,704 @@
+"""Noise-model importance maps: U-Noise adapted to brain-age regression.
+
+The trained predictor ``f`` is frozen. A 3D U-Net ``g`` looks at an image ``x`` and
+outputs ``B = sigmoid(g(x))`` in (0, 1), one value per voxel. Inside the brain mask the
+image is perturbed as
+
+    x~ = x + eps * (s_min + B * (s_max - s_min)),   eps ~ N(0, 1),
+
+and ``g`` minimises ``|f(x~) - target| - lambda * mean_brain(log B)``. The second term
+pushes the noise up everywhere; the first keeps the prediction intact, so noise stays
+low only where ``f`` needs the voxels. The importance map is ``1 - B`` (zero outside the
+brain mask, where no noise is applied and ``B`` is unconstrained).
+
+Two ways to obtain maps share this objective:
+
+* :class:`NoiseMapExplainer` trains ``g`` once on a training set (amortised); a map then
+  costs one forward pass of ``g``.
+* :class:`PerSubjectNoiseMap` optimises the logits of ``B`` directly for each image, the
+  way meaningful perturbations (Fong and Vedaldi, 2017) do: slower, no training set.
+
+**The target.** ``target="prediction"`` (the default) uses ``f``'s own prediction on the
+clean image: the map then explains what *the model* uses, and noise that happens to
+move a wrong prediction towards the true age is not rewarded. ``target="age"`` uses the
+chronological age as the paper did (Bintsi et al., 2021); it mixes model error into the
+map and needs ages for every image.
+
+Both classes follow captum's surface: built around the model, ``attribute(inputs)``
+returns a tensor shaped like ``inputs``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from tqdm.auto import tqdm
+
+from ._io import atomic_path
+from ._validation import BrainAgeInputError, check_choice, check_positive
+from .unet import UNet3D
+
+#: Accepted values of the ``target`` parameter.
+TARGETS = ("prediction", "age")
+
+#: Version of the checkpoint layout written by :meth:`NoiseMapExplainer.save`.
+CHECKPOINT_VERSION = 1
+
+
+# -- helpers shared by the explainers, calibration and scoring ------------------------------
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode with ``requires_grad=False``; restore both afterwards.
+
+    Gradients still flow through the model to its *input*, but none reach its weights.
+    """
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def predict_batch(predictor: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Call ``predictor`` on ``x`` and return predictions shaped ``(N,)``."""
+    out = predictor(x)
+    if out.ndim == 2 and out.shape[1] == 1:
+        out = out[:, 0]
+    if out.ndim != 1 or out.shape[0] != x.shape[0]:
+        raise BrainAgeInputError(
+            f"the predictor must return one value per image, shaped (N,); it returned "
+            f"{tuple(out.shape)} for an input of {tuple(x.shape)}."
+        )
+    return out
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (CPU for a model without any)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def as_mask(mask: Any, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Turn a brain mask (array, tensor or None = everywhere) into a float tensor.
+
+    Returns a tensor shaped ``(1, 1, X, Y, Z)`` holding 0 and 1.
+    """
+    if mask is None:
+        return torch.ones((1, 1, *shape), device=device)
+    m = torch.as_tensor(np.asarray(mask) if not torch.is_tensor(mask) else mask)
+    m = m.reshape(m.shape[-3:]) if m.ndim > 3 else m
+    if tuple(m.shape) != tuple(shape):
+        raise BrainAgeInputError(
+            f"'mask' must have the images' grid shape {tuple(shape)}; "
+            f"{tuple(m.shape)} was provided."
+        )
+    return (m != 0).to(device=device, dtype=torch.float32)[None, None]
+
+
+def perturb(
+    x: torch.Tensor,
+    b: torch.Tensor,
+    mask: torch.Tensor,
+    s_min: float,
+    s_max: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Return ``x + eps * (s_min + b * (s_max - s_min))`` inside ``mask``.
+
+    Parameters
+    ----------
+    x, b : torch.Tensor of shape (N, 1, X, Y, Z)
+        Images and noise levels in [0, 1].
+    mask : torch.Tensor of shape (1, 1, X, Y, Z)
+        1 inside the brain, 0 outside (no noise there).
+    s_min, s_max : float
+        Noise standard deviation at ``b = 0`` and ``b = 1``, in image intensity units.
+    generator : torch.Generator or None, default=None
+        Source of ``eps`` (seeded for reproducible noise).
+    """
+    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x + eps * (s_min + b * (s_max - s_min)) * mask
+
+
+def as_dataset(data: Any, name: str = "data") -> Dataset:
+    """Accept a dataset of ``(x, age)`` items, a tensor of images or a pair of tensors.
+
+    Parameters
+    ----------
+    data : Dataset or torch.Tensor or tuple of (torch.Tensor, torch.Tensor)
+        A dataset whose items are ``(x, age)`` with ``x`` shaped ``(1, X, Y, Z)``
+        (for example :class:`brainage_core.datasets.CohortDataset`), images shaped
+        ``(N, 1, X, Y, Z)`` (ages then unknown: NaN), or ``(images, ages)``.
+    name : str, default="data"
+        Parameter name used in error messages.
+    """
+    if isinstance(data, Dataset):
+        return data
+    if torch.is_tensor(data) or isinstance(data, np.ndarray):
+        x = torch.as_tensor(data, dtype=torch.float32)
+        ages = torch.full((x.shape[0],), float("nan"))
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        x = torch.as_tensor(data[0], dtype=torch.float32)
+        ages = torch.as_tensor(data[1], dtype=torch.float32).reshape(-1)
+    else:
+        raise BrainAgeInputError(
+            f"'{name}' must be a Dataset of (image, age) items, an image tensor "
+            f"(N, 1, X, Y, Z) or a pair (images, ages); {type(data).__name__} was provided."
+        )
+    if x.ndim != 5 or x.shape[1] != 1:
+        raise BrainAgeInputError(
+            f"'{name}' images must be shaped (N, 1, X, Y, Z); {tuple(x.shape)} was provided."
+        )
+    if ages.shape[0] != x.shape[0]:
+        raise BrainAgeInputError(f"'{name}' has {x.shape[0]} images but {ages.shape[0]} ages.")
+    return TensorDataset(x, ages)
+
+
+def _split_item(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(batch, (tuple, list)):
+        x, ages = batch[0], batch[1]
+    else:
+        x, ages = batch, torch.full((batch.shape[0],), float("nan"))
+    return x.float(), torch.as_tensor(ages, dtype=torch.float32).reshape(-1)
+
+
+def _epoch_generator(seed: int, epoch: int, stream: int, device: torch.device) -> torch.Generator:
+    """A generator seeded by (seed, epoch, stream): epochs replay exactly after a resume."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0]))
+    return gen
+
+
+class _NoiseObjective:
+    """The U-Noise objective shared by the amortised and the per-subject explainers."""
+
+    def __init__(
+        self,
+        predictor: nn.Module,
+        *,
+        mask: Any = None,
+        lam: float = 1.0,
+        s_min: float = 0.0,
+        s_max: float = 1.0,
+        target: str = "prediction",
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(predictor, nn.Module):
+            raise BrainAgeInputError(
+                f"'predictor' must be a torch.nn.Module; {type(predictor).__name__} was provided."
+            )
+        self.predictor = predictor
+        self.lam = float(check_positive("lam", lam, allow_zero=True))
+        self.s_min = float(check_positive("s_min", s_min, allow_zero=True))
+        self.s_max = float(check_positive("s_max", s_max))
+        if self.s_max < self.s_min:
+            raise BrainAgeInputError(
+                f"'s_max' must be at least 's_min' ({self.s_min}); {s_max!r} was provided."
+            )
+        self.target = check_choice("target", target, TARGETS)
+        self.seed = int(seed)
+        self.device = model_device(predictor)
+        self._mask_input = mask
+        self._mask: torch.Tensor | None = None
+
+    def _brain_mask(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self._mask is None or tuple(self._mask.shape[2:]) != tuple(shape):
+            self._mask = as_mask(self._mask_input, shape, self.device)
+        return self._mask
+
+    def _targets(self, x: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
+        if self.target == "prediction":
+            with torch.no_grad():
+                return predict_batch(self.predictor, x)
+        if torch.isnan(ages).any():
+            raise BrainAgeInputError(
+                "target='age' needs the true age of every image; some ages are missing "
+                "(pass (images, ages) or a dataset of (image, age) items)."
+            )
+        return ages.to(x.device)
+
+    def _loss(
+        self,
+        x: torch.Tensor,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-image task loss, per-image regulariser and B; summed by the caller."""
+        mask = self._brain_mask(tuple(x.shape[2:]))
+        b = torch.sigmoid(logits)
+        x_noisy = perturb(x, b, mask, self.s_min, self.s_max, generator)
+        task = (predict_batch(self.predictor, x_noisy) - targets).abs()
+        log_b = F.logsigmoid(logits)
+        reg = -(log_b * mask).flatten(1).sum(1) / mask.sum()
+        return task, reg, b
+
+    def _importance(self, b: torch.Tensor) -> torch.Tensor:
+        return (1.0 - b) * self._brain_mask(tuple(b.shape[2:]))
+
+
+# -- the amortised explainer -----------------------------------------------------------------
+class NoiseMapExplainer(_NoiseObjective):
+    """Amortised noise-model importance maps (U-Noise for regression).
+
+    Parameters
+    ----------
+    predictor : torch.nn.Module
+        Trained model mapping images ``(N, 1, X, Y, Z)`` to predictions ``(N,)``. It is
+        frozen (eval mode, no weight gradients) while the noise model trains or explains,
+        and restored afterwards; its weights are never changed.
+    mask : array-like of bool or None, default=None
+        Brain mask on the image grid; noise is applied, and the regulariser averaged,
+        only inside it. None means every voxel.
+    lam : float, default=1.0
+        Weight lambda of ``-mean_brain(log B)``: larger means more noise and sparser maps.
+        Pick it with :func:`brainage_core.calibration.calibrate_lambda`.
+    s_min, s_max : float, default=0.0, 1.0
+        Noise standard deviation at ``B = 0`` and ``B = 1`` in image intensity units.
+    target : {"prediction", "age"}, default="prediction"
+        What the noisy prediction is compared with (see the module docstring).
+    channels, depth : int, default=8, 2
+        Width and depth of the :class:`~brainage_core.unet.UNet3D` noise model.
+    init_bias : float, default=0.0
+        Initial logit of B (0 gives B = 0.5 everywhere).
+    seed : int, default=0
+        Seeds the noise model's initial weights, the data order and the noise.
+
+    Attributes
+    ----------
+    noise_model : UNet3D
+        The network ``g``.
+    history_ : pandas.DataFrame
+        One row per training epoch (losses, mean B, validation figures, seconds).
+
+    Examples
+    --------
+    >>> explainer = NoiseMapExplainer(model, mask=cohort.mask, lam=1.0)  # doctest: +SKIP
+    >>> explainer.fit(train_dataset, checkpoint_path="run/checkpoints/noise_model.pt")
+    >>> importance = explainer.attribute(images)   # shaped like images
+    """
+
+    def __init__(
+        self,
+        predictor: nn.Module,
+        *,
+        mask: Any = None,
+        lam: float = 1.0,
+        s_min: float = 0.0,
+        s_max: float = 1.0,
+        target: str = "prediction",
+        channels: int = 8,
+        depth: int = 2,
+        init_bias: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            predictor, mask=mask, lam=lam, s_min=s_min, s_max=s_max, target=target, seed=seed
+        )
+        self.channels = int(channels)
+        self.depth = int(depth)
+        self.init_bias = float(init_bias)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.noise_model = UNet3D(
+                channels=self.channels, depth=self.depth, init_bias=self.init_bias
+            )
+        self.noise_model.to(self.device)
+        self._history: list[dict[str, float]] = []
+        self.epochs_trained = 0
+
+    # -- settings -------------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """The hyper-parameters that define this explainer (stored in checkpoints)."""
+        return {
+            "lam": self.lam,
+            "s_min": self.s_min,
+            "s_max": self.s_max,
+            "target": self.target,
+            "channels": self.channels,
+            "depth": self.depth,
+            "init_bias": self.init_bias,
+            "seed": self.seed,
+        }
+
+    @property
+    def history_(self) -> pd.DataFrame:
+        return pd.DataFrame(self._history)
+
+    # -- training -------------------------------------------------------------------------
+    def fit(
+        self,
+        train_data: Any,
+        val_data: Any = None,
+        *,
+        epochs: int = 10,
+        batch_size: int = 4,
+        lr: float = 1e-3,
+        checkpoint_path: str | os.PathLike | None = None,
+        resume: bool = True,
+        progress: bool = True,
+    ) -> NoiseMapExplainer:
+        """Train the noise model with the predictor frozen.
+
+        Parameters
+        ----------
+        train_data : Dataset or torch.Tensor or tuple
+            Training images (see :func:`as_dataset`).
+        val_data : Dataset or torch.Tensor or tuple or None, default=None
+            Validation images, evaluated after each epoch with seeded noise.
+        epochs : int, default=10
+            Total number of epochs (including those already in a resumed checkpoint).
+        batch_size : int, default=4
+            Images per optimisation step.
+        lr : float, default=1e-3
+            Adam learning rate.
+        checkpoint_path : str or os.PathLike or None, default=None
+            Written atomically after every epoch. If it exists and ``resume`` is true,
+            training continues from it (an exact replay: data order and noise are seeded
+            per epoch); a finished checkpoint is simply loaded.
+        resume : bool, default=True
+            Continue from ``checkpoint_path`` if it exists; otherwise start afresh and
+            overwrite it.
+        progress : bool, default=True
+            Show a tqdm progress bar over epochs.
+
+        Returns
+        -------
+        NoiseMapExplainer
+            ``self``, trained.
+        """
+        check_positive("epochs", epochs, integer=True)
+        check_positive("batch_size", batch_size, integer=True)
+        check_positive("lr", lr)
+        train_set = as_dataset(train_data, "train_data")
+        val_set = None if val_data is None else as_dataset(val_data, "val_data")
+        optimiser = torch.optim.Adam(self.noise_model.parameters(), lr=lr)
+        if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
+            self._load_checkpoint(checkpoint_path, optimiser)
+        bar = tqdm(
+            range(self.epochs_trained, epochs),
+            total=epochs,
+            initial=self.epochs_trained,
+            desc="noise model",
+            unit="epoch",
+            disable=None if progress else True,
+        )
+        with frozen(self.predictor):
+            for epoch in bar:
+                start = time.perf_counter()
+                row = self._train_epoch(train_set, optimiser, epoch, batch_size)
+                if val_set is not None:
+                    val = self.evaluate(val_set, batch_size=batch_size, seed_offset=epoch)
+                    row.update({f"val_{k}": v for k, v in val.items()})
+                row["seconds"] = time.perf_counter() - start
+                row["epoch"] = epoch + 1
+                self._history.append(row)
+                self.epochs_trained = epoch + 1
+                bar.set_postfix(loss=f"{row['loss']:.3f}", mean_b=f"{row['mean_b']:.2f}")
+                if checkpoint_path is not None:
+                    self.save(checkpoint_path, optimiser=optimiser)
+        bar.close()
+        self.noise_model.eval()
+        return self
+
+    def _train_epoch(
+        self, dataset: Dataset, optimiser: torch.optim.Optimizer, epoch: int, batch_size: int
+    ) -> dict[str, float]:
+        self.noise_model.train()
+        order = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([self.seed, epoch, 0]).generate_state(1)[0])
+        )
+        noise = _epoch_generator(self.seed, epoch, 1, self.device)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=order)
+        totals = {"loss": 0.0, "task": 0.0, "reg": 0.0, "mean_b": 0.0}
+        count = 0
+        for batch in loader:
+            x, ages = _split_item(batch)
+            x = x.to(self.device)
+            targets = self._targets(x, ages)
+            logits = self.noise_model(x)
+            task, reg, b = self._loss(x, logits, targets, noise)
+            loss = task.mean() + self.lam * reg.mean()
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            n = x.shape[0]
+            mask = self._brain_mask(tuple(x.shape[2:]))
+            totals["loss"] += float(loss.detach()) * n
+            totals["task"] += float(task.detach().sum())
+            totals["reg"] += float(reg.detach().sum())
+            totals["mean_b"] += float(((b.detach() * mask).flatten(1).sum(1) / mask.sum()).sum())
+            count += n
+        return {k: v / max(count, 1) for k, v in totals.items()}
+
+    # -- inference ------------------------------------------------------------------------
+    @torch.no_grad()
+    def noise_level(self, inputs: torch.Tensor, *, batch_size: int = 8) -> torch.Tensor:
+        """Return ``B = sigmoid(g(x))`` shaped like ``inputs`` (on ``inputs``' device)."""
+        x = _check_inputs(inputs)
+        was_training = self.noise_model.training
+        self.noise_model.eval()
+        try:
+            parts = [
+                torch.sigmoid(self.noise_model(chunk.to(self.device))).to(x.device)
+                for chunk in torch.split(x, batch_size)
+            ]
+        finally:
+            self.noise_model.train(was_training)
+        return torch.cat(parts).reshape(torch.as_tensor(inputs).shape)
+
+    def attribute(self, inputs: torch.Tensor, *, batch_size: int = 8) -> torch.Tensor:
+        """Importance ``1 - B`` for each image, shaped like ``inputs``.
+
+        Parameters
+        ----------
+        inputs : torch.Tensor of shape (N, 1, X, Y, Z) or (1, X, Y, Z)
+            Images on the grid the noise model was trained on.
+        batch_size : int, default=8
+            Images per forward pass.
+
+        Returns
+        -------
+        torch.Tensor
+            Importance in [0, 1], zero outside the brain mask; no gradient attached.
+        """
+        inputs = torch.as_tensor(inputs)
+        b = _check_inputs(self.noise_level(inputs, batch_size=batch_size))
+        return self._importance(b.to(self.device)).to(inputs.device).reshape(inputs.shape)
+
+    @torch.no_grad()
+    def evaluate(
+        self, data: Any, *, batch_size: int = 8, n_draws: int = 1, seed_offset: int = 0
+    ) -> dict[str, float]:
+        """Predictor error on clean and noised images of ``data``.
+
+        Returns
+        -------
+        dict
+            ``task``: mean ``|f(x~) - target|``; ``shift``: mean ``|f(x~) - f(x)|``;
+            ``clean_mae`` and ``noisy_mae`` against the true age (NaN without ages);
+            ``mean_b`` and ``mean_sigma`` (mean noise standard deviation in the brain).
+        """
+        dataset = as_dataset(data)
+        was_training = self.noise_model.training
+        self.noise_model.eval()
+        sums = dict.fromkeys(
+            ["task", "shift", "clean_mae", "noisy_mae", "mean_b", "mean_sigma"], 0.0
+        )
+        count = 0
+        gen = _epoch_generator(self.seed, 10_000 + seed_offset, 2, self.device)
+        with frozen(self.predictor):
+            for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+                x, ages = _split_item(batch)
+                x, ages = x.to(self.device), ages.to(self.device)
+                clean = predict_batch(self.predictor, x)
+                targets = clean if self.target == "prediction" else ages
+                b = torch.sigmoid(self.noise_model(x))
+                mask = self._brain_mask(tuple(x.shape[2:]))
+                for _ in range(n_draws):
+                    noisy = predict_batch(
+                        self.predictor, perturb(x, b, mask, self.s_min, self.s_max, gen)
+                    )
+                    sums["task"] += float((noisy - targets).abs().sum()) / n_draws
+                    sums["shift"] += float((noisy - clean).abs().sum()) / n_draws
+                    sums["noisy_mae"] += float((noisy - ages).abs().sum()) / n_draws
+                sums["clean_mae"] += float((clean - ages).abs().sum())
+                mean_b = (b * mask).flatten(1).sum(1) / mask.sum()
+                sums["mean_b"] += float(mean_b.sum())
+                sums["mean_sigma"] += float((self.s_min + mean_b * (self.s_max - self.s_min)).sum())
+                count += x.shape[0]
+        self.noise_model.train(was_training)
+        return {k: v / max(count, 1) for k, v in sums.items()}
+
+    # -- persistence ----------------------------------------------------------------------
+    def save(
+        self, path: str | os.PathLike, *, optimiser: torch.optim.Optimizer | None = None
+    ) -> Path:
+        """Write a checkpoint atomically (weights, settings, history, optimiser state)."""
+        state = {
+            "kind": "noise_model",
+            "version": CHECKPOINT_VERSION,
+            "settings": self.settings(),
+            "state_dict": {k: v.detach().cpu() for k, v in self.noise_model.state_dict().items()},
+            "optimizer": None if optimiser is None else optimiser.state_dict(),
+            "epochs_trained": self.epochs_trained,
+            "history": self._history,
+        }
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+        return Path(path)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        predictor: nn.Module,
+        *,
+        mask: Any = None,
+    ) -> NoiseMapExplainer:
+        """Rebuild a trained explainer from a checkpoint written by :meth:`save` or :meth:`fit`.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The checkpoint.
+        predictor : torch.nn.Module
+            The predictor the noise model was trained for.
+        mask : array-like of bool or None, default=None
+            The brain mask used in training.
+        """
+        state = _read_checkpoint(path)
+        explainer = cls(predictor, mask=mask, **state["settings"])
+        explainer.noise_model.load_state_dict(state["state_dict"])
+        explainer.noise_model.eval()
+        explainer.epochs_trained = int(state["epochs_trained"])
+        explainer._history = list(state["history"])
+        return explainer
+
+    def _load_checkpoint(self, path: str | os.PathLike, optimiser: torch.optim.Optimizer) -> None:
+        state = _read_checkpoint(path)
+        if state["settings"] != self.settings():
+            raise BrainAgeInputError(
+                f"checkpoint was trained with settings {state['settings']}, which differ from "
+                f"this explainer's {self.settings()}; delete it or pass resume=False.",
+                path,
+            )
+        self.noise_model.load_state_dict(state["state_dict"])
+        if state["optimizer"] is not None:
+            optimiser.load_state_dict(state["optimizer"])
+        self.epochs_trained = int(state["epochs_trained"])
+        self._history = list(state["history"])
+
+
+def _read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise BrainAgeInputError("noise-model checkpoint not found", path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same input error
+        raise BrainAgeInputError(f"not a readable noise-model checkpoint ({err})", path) from err
+    if not isinstance(state, dict) or state.get("kind") != "noise_model":
+        raise BrainAgeInputError("not a noise-model checkpoint", path)
+    return state
+
+
+def _check_inputs(inputs: torch.Tensor) -> torch.Tensor:
+    """Return ``inputs`` as a float tensor shaped ``(N, 1, X, Y, Z)``."""
+    x = torch.as_tensor(inputs)
+    if x.ndim == 4:
+        x = x[None]
+    if x.ndim != 5 or x.shape[1] != 1:
+        raise BrainAgeInputError(
+            f"'inputs' must be shaped (N, 1, X, Y, Z); {tuple(x.shape)} was provided."
+        )
+    return x.float()
+
+
+# -- the per-subject explainer ----------------------------------------------------------------
+class PerSubjectNoiseMap(_NoiseObjective):
+    """Noise maps optimised directly for each image (meaningful-perturbation style).
+
+    The logits of ``B`` are free parameters per image, optimised with Adam on the same
+    objective as :class:`NoiseMapExplainer`. No training set is needed, but every map
+    costs ``steps`` forward and backward passes of the predictor.
+
+    Parameters
+    ----------
+    predictor : torch.nn.Module
+        Model mapping ``(N, 1, X, Y, Z)`` to ``(N,)``; frozen while explaining.
+    mask, lam, s_min, s_max, target, seed
+        As for :class:`NoiseMapExplainer`.
+    steps : int, default=100
+        Optimisation steps per image.
+    lr : float, default=0.1
+        Adam learning rate on the logits.
+    init_logit : float, default=0.0
+        Starting logit of B everywhere.
+    """
+
+    def __init__(
+        self,
+        predictor: nn.Module,
+        *,
+        mask: Any = None,
+        lam: float = 1.0,
+        s_min: float = 0.0,
+        s_max: float = 1.0,
+        target: str = "prediction",
+        steps: int = 100,
+        lr: float = 0.1,
+        init_logit: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            predictor, mask=mask, lam=lam, s_min=s_min, s_max=s_max, target=target, seed=seed
+        )
+        self.steps = int(check_positive("steps", steps, integer=True))
+        self.lr = float(check_positive("lr", lr))
+        self.init_logit = float(init_logit)
+
+    def attribute(
+        self, inputs: torch.Tensor, ages: torch.Tensor | None = None, *, progress: bool = False
+    ) -> torch.Tensor:
+        """Optimise one map per image and return the importance ``1 - B``.
+
+        Parameters
+        ----------
+        inputs : torch.Tensor of shape (N, 1, X, Y, Z) or (1, X, Y, Z)
+            Images to explain. They are optimised jointly; since Adam acts per element and
+            the loss is a sum over images, each map is the same as if optimised alone.
+        ages : torch.Tensor of shape (N,) or None, default=None
+            True ages; required when ``target="age"``.
+        progress : bool, default=False
+            Show a tqdm progress bar over the optimisation steps.
+
+        Returns
+        -------
+        torch.Tensor
+            Importance in [0, 1] shaped like ``inputs``, zero outside the brain mask.
+        """
+        x = _check_inputs(inputs).to(self.device)
+        n = x.shape[0]
+        ages_t = (
+            torch.full((n,), float("nan"))
+            if ages is None
+            else torch.as_tensor(ages, dtype=torch.float32).reshape(-1)
+        )
+        if ages_t.shape[0] != n:
+            raise BrainAgeInputError(f"'ages' must hold {n} values; {ages_t.shape[0]} given.")
+        gen = _epoch_generator(self.seed, 0, 3, self.device)
+        logits = torch.full_like(x, self.init_logit, requires_grad=True)
+        optimiser = torch.optim.Adam([logits], lr=self.lr)
+        with frozen(self.predictor):
+            targets = self._targets(x, ages_t)
+            bar = tqdm(
+                range(self.steps), desc="per-subject map", disable=None if progress else True
+            )
+            for _ in bar:
+                task, reg, _b = self._loss(x, logits, targets, gen)
+                loss = (task + self.lam * reg).sum()
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+        with torch.no_grad():
+            importance = self._importance(torch.sigmoid(logits))
+        return importance.to(torch.as_tensor(inputs).device).reshape(inputs.shape)
