@@ -17,6 +17,7 @@ Two kinds of score:
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -128,14 +129,18 @@ def truth_on_grid(
         The target grid (a cohort's ``affine`` and ``mask.shape``).
     """
     img = nib.Nifti1Image(np.asarray(mask_img.get_fdata(), dtype=np.float32), mask_img.affine)
-    out = resample_img(
-        img,
-        target_affine=np.asarray(affine),
-        target_shape=tuple(shape),
-        interpolation="continuous",
-        force_resample=True,
-        copy_header=True,
-    )
+    with warnings.catch_warnings():
+        # linear interpolation of a binary mask is intended: it gives each coarse voxel
+        # the share of it that lies inside the mask
+        warnings.filterwarnings("ignore", message="Resampling binary images")
+        out = resample_img(
+            img,
+            target_affine=np.asarray(affine),
+            target_shape=tuple(shape),
+            interpolation="continuous",
+            force_resample=True,
+            copy_header=True,
+        )
     return np.asarray(out.get_fdata()) >= 0.5
 
 
