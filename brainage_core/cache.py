@@ -292,7 +292,7 @@ def prepare_cohort(
         return PreparedCohort.open(final)
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with _locked(cache_dir / f"{key}.lock"):
+    with file_lock(cache_dir / f"{key}.lock"):
         if (final / "metadata.json").is_file():  # another process finished it meanwhile
             return PreparedCohort.open(final)
         partial = cache_dir / f"{key}.partial"
@@ -548,7 +548,8 @@ def _read_tsv(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``fcntl.flock``) on ``path`` for the block."""
     with open(path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:

@@ -410,7 +410,13 @@ def _to_manifest(table: pd.DataFrame) -> pd.DataFrame:
 
 def _read_table(path: Path, sep: str) -> pd.DataFrame:
     try:
-        return pd.read_csv(path, sep=sep, na_values=_NA_VALUES, keep_default_na=True)
+        return pd.read_csv(
+            path,
+            sep=sep,
+            na_values=_NA_VALUES,
+            keep_default_na=True,
+            dtype={"participant_id": "string", "path": "string"},
+        )
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise BrainAgeInputError(f"cannot read the table: {err}", path) from err
 

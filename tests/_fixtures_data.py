@@ -76,3 +76,19 @@ def truncate_gzip(path: Path) -> None:
 def tiny_bids(tmp_path: Path) -> Path:
     """A BIDS folder of 6 subjects at 8 mm."""
     return make_bids(tmp_path / "bids", n=6)
+
+
+def save_with_raw_affine(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
+    """Save ``data`` with ``affine`` written verbatim into the sform (even if degenerate).
+
+    nibabel refuses to build an image from a degenerate affine, but such files exist in
+    the wild; this writes one by setting the header fields directly.
+    """
+    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), np.eye(4))
+    hdr = img.header
+    for key, row in zip(("srow_x", "srow_y", "srow_z"), np.asarray(affine)[:3], strict=True):
+        hdr[key] = row
+    hdr["sform_code"] = 1
+    hdr["qform_code"] = 0
+    nib.save(nib.Nifti1Image(img.dataobj, None, header=hdr), path)
+    return path
