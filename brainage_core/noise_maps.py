@@ -34,6 +34,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from ._io import atomic_path
-from ._validation import BrainAgeInputError, check_choice, check_positive
+from ._validation import BrainAgeInputError, check_choice, check_fraction, check_positive
 from .unet import UNet3D
 
 #: Accepted values of the ``target`` parameter.
@@ -702,3 +703,188 @@ class PerSubjectNoiseMap(_NoiseObjective):
         with torch.no_grad():
             importance = self._importance(torch.sigmoid(logits))
         return importance.to(torch.as_tensor(inputs).device).reshape(inputs.shape)
+
+
+# -- the ``maps`` section of a study configuration --------------------------------------------
+@dataclass
+class MapsConfig:
+    """Settings of the importance-map steps: the ``maps`` section of a study config.
+
+    Attributes
+    ----------
+    target : {"prediction", "age"}, default="prediction"
+        Target of the task loss (see the module docstring for why "prediction").
+    lam : float, default=1.0
+        Lambda of the noise term, used as is unless ``calibrate`` is true.
+    s_min, s_max : float, default=0.0, 1.0
+        Noise standard deviation at B = 0 and B = 1, in units of the normalised
+        intensities (CSF near 0, white matter near 1; see :mod:`brainage_core.preprocess`).
+    channels, depth : int, default=8, 2
+        Width and depth of the U-Net noise model.
+    epochs, batch_size, lr : default=10, 8, 1e-3
+        Training of the noise model (Adam).
+    calibrate : bool, default=False
+        Pick lambda with :func:`brainage_core.calibration.calibrate_lambda` before training.
+    lambdas : list of float, default=[0.1, 0.3, 1, 3, 10, 30]
+        Candidates of the calibration.
+    tolerance : float, default=1.0
+        Allowed rise (years) of the validation MAE on noised images.
+    calibration_epochs : int, default=3
+        Epochs per candidate lambda (warm-started from the previous candidate).
+    per_subject_steps, per_subject_lr : default=100, 0.1
+        Optimisation of the per-subject (meaningful-perturbation style) maps.
+    timing_subjects : int, default=3
+        Subjects on which the amortised and per-subject modes are timed.
+    age_band_width : float, default=10
+        Width in years of the age bands of the population maps (decades).
+    age_band_min_subjects : int, default=3
+        Age bands with fewer test subjects get no map.
+    min_region_voxels : int, default=3
+        Regions with fewer voxels on the cohort's grid are left out of the region table.
+    top_regions : int, default=10
+        Length of the ranked list stored in ``metrics.json`` under ``regions.top``.
+    baselines : list of str, default=["saliency", "integrated_gradients"]
+        captum methods compared with the noise maps (see
+        :data:`brainage_core.attribution.METHODS`).
+    ig_steps : int, default=16
+        Integration steps of integrated gradients.
+    compare_subjects : int, default=8
+        Test subjects on which all methods are compared (and the per-subject mode run).
+    deletion_steps : int, default=10
+        Points of the deletion curve.
+    faithfulness_fraction : float, default=0.5
+        Share of brain voxels noised in the faithfulness comparison.
+    seed : int or None, default=None
+        Seed of the noise model; None takes the study's top-level ``seed``.
+    """
+
+    target: str = "prediction"
+    lam: float = 1.0
+    s_min: float = 0.0
+    s_max: float = 1.0
+    channels: int = 8
+    depth: int = 2
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 1e-3
+    calibrate: bool = False
+    lambdas: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0, 10.0, 30.0])
+    tolerance: float = 1.0
+    calibration_epochs: int = 3
+    per_subject_steps: int = 100
+    per_subject_lr: float = 0.1
+    timing_subjects: int = 3
+    age_band_width: float = 10.0
+    age_band_min_subjects: int = 3
+    min_region_voxels: int = 3
+    top_regions: int = 10
+    baselines: list[str] = field(default_factory=lambda: ["saliency", "integrated_gradients"])
+    ig_steps: int = 16
+    compare_subjects: int = 8
+    deletion_steps: int = 10
+    faithfulness_fraction: float = 0.5
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("maps.target", self.target, TARGETS)
+        for name in ("lam", "s_min", "tolerance"):
+            check_positive(f"maps.{name}", getattr(self, name), allow_zero=True)
+        for name in ("s_max", "lr", "per_subject_lr", "age_band_width"):
+            check_positive(f"maps.{name}", getattr(self, name))
+        for name in (
+            "channels",
+            "depth",
+            "epochs",
+            "batch_size",
+            "calibration_epochs",
+            "per_subject_steps",
+            "timing_subjects",
+            "age_band_min_subjects",
+            "min_region_voxels",
+            "top_regions",
+            "ig_steps",
+            "compare_subjects",
+            "deletion_steps",
+        ):
+            check_positive(
+                f"maps.{name}",
+                getattr(self, name),
+                integer=True,
+                allow_zero=name in ("depth", "timing_subjects"),
+            )
+        check_fraction("maps.faithfulness_fraction", self.faithfulness_fraction, allow_one=True)
+        if self.s_max < self.s_min:
+            raise BrainAgeInputError(
+                f"'maps.s_max' must be at least 'maps.s_min' ({self.s_min}); "
+                f"{self.s_max!r} was provided."
+            )
+        if not isinstance(self.calibrate, bool):
+            raise BrainAgeInputError(
+                f"'maps.calibrate' must be true or false; {self.calibrate!r} was provided."
+            )
+        if not isinstance(self.lambdas, (list, tuple)) or not self.lambdas:
+            raise BrainAgeInputError(
+                f"'maps.lambdas' must be a non-empty list; {self.lambdas!r} was provided."
+            )
+        for lam in self.lambdas:
+            check_positive("maps.lambdas", lam)
+        from .attribution import METHODS  # local import: attribution imports this module
+
+        if not isinstance(self.baselines, (list, tuple)):
+            raise BrainAgeInputError(
+                f"'maps.baselines' must be a list; {self.baselines!r} was provided."
+            )
+        for method in self.baselines:
+            check_choice("maps.baselines", method, METHODS)
+        if self.seed is not None:
+            check_positive("maps.seed", self.seed, integer=True, allow_zero=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None, *, seed: int | None = None) -> MapsConfig:
+        """Build from the config's ``maps`` mapping; unknown keys are a clear error.
+
+        Parameters
+        ----------
+        d : dict or None
+            The section (None or {} gives the defaults).
+        seed : int or None, default=None
+            The study's top-level seed, used when the section sets none.
+        """
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise BrainAgeInputError(
+                f"unknown key(s) in config section 'maps': {unknown}; it has {sorted(known)}"
+            )
+        if d.get("seed") is None and seed is not None:
+            d["seed"] = seed
+        for name in (
+            "lam",
+            "s_min",
+            "s_max",
+            "lr",
+            "per_subject_lr",
+            "tolerance",
+            "age_band_width",
+            "faithfulness_fraction",
+        ):
+            if isinstance(d.get(name), int) and not isinstance(d.get(name), bool):
+                d[name] = float(d[name])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the settings (YAML/JSON-ready)."""
+        return asdict(self)
+
+    def explainer_kwargs(self) -> dict[str, Any]:
+        """Arguments of :class:`NoiseMapExplainer` (all but ``predictor`` and ``mask``)."""
+        return {
+            "lam": self.lam,
+            "s_min": self.s_min,
+            "s_max": self.s_max,
+            "target": self.target,
+            "channels": self.channels,
+            "depth": self.depth,
+            "seed": self.seed or 0,
+        }
