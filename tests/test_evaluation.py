@@ -101,3 +101,30 @@ def test_prediction_table_and_metrics_on_a_fake_cohort():
     assert m["test_mae_corrected"] < m["test_mae"]
     with pytest.raises(BrainAgeInputError, match="one value per subject"):
         prediction_table(cohort, pred[:5])
+
+
+def test_prediction_figures_static_and_interactive(tmp_path):
+    import matplotlib.pyplot as plt
+    import plotly.graph_objects as go
+
+    from brainage_core.plotting import prediction as plots
+
+    cohort = FakeCohort(n=40, seed=2)
+    pred = cohort.table["age"].to_numpy() + 1.0
+    table, _ = prediction_table(cohort, pred)
+    fig = plots.plot_age_prediction(table, output_file=tmp_path / "a.png", title="t")
+    assert fig.axes[0].get_title() == "t" and (tmp_path / "a.png").stat().st_size > 0
+    fig2 = plots.plot_gap_vs_age(table, split=["val", "test"])
+    assert len(fig2.axes) == 2
+    plt.close("all")
+    inter = plots.plot_age_prediction_interactive(table, output_file=tmp_path / "a.html")
+    assert isinstance(inter, go.Figure) and (tmp_path / "a.html").stat().st_size > 0
+    test_ids = set(table.loc[table["split"] == "test", "participant_id"])
+    shown = {row[0] for trace in inter.data if trace.customdata is not None
+             for row in trace.customdata}
+    assert shown == test_ids
+    assert "customdata[0]" in inter.data[0].hovertemplate
+    gap = plots.plot_gap_vs_age_interactive(table)
+    assert {t.xaxis for t in gap.data} == {"x", "x2"}
+    with pytest.raises(BrainAgeInputError, match="no subjects in split 'holdout'"):
+        plots.plot_age_prediction(table, split="holdout")
