@@ -155,7 +155,7 @@ def ensure_synthetic_cohort(
     The dataset lives in ``out_root/<hash>/``, where the hash covers the complete
     generator config (``SynthConfig.from_dict(synthetic).to_dict()``). It is generated in
     ``<hash>.partial/`` and moved into place only when complete, so an interrupted
-    generation is never mistaken for a dataset.
+    generation is never mistaken for a dataset (the next call resumes it).
 
     Parameters
     ----------
@@ -176,7 +176,7 @@ def ensure_synthetic_cohort(
     from . import synth
 
     config = synth.SynthConfig.from_dict(dict(synthetic))
-    key = synth_config_hash(config.to_dict())
+    key = synth_config_hash({"config": config.to_dict(), "version": _package_version()})
     out_root = Path(out_root).expanduser().resolve()
     final = out_root / key
     if (final / "dataset_description.json").is_file():
@@ -186,8 +186,8 @@ def ensure_synthetic_cohort(
         if (final / "dataset_description.json").is_file():
             return final
         partial = out_root / f"{key}.partial"
-        if partial.exists():
-            shutil.rmtree(partial)  # an interrupted generation: start again
+        # An interrupted generation left a partial folder with the same config: the
+        # generator resumes it (it regenerates missing or unreadable subjects).
         synth.generate_cohort(config, partial, n_jobs=n_jobs, progress=progress)
         if final.exists():
             shutil.rmtree(final)
@@ -199,3 +199,9 @@ def synth_config_hash(config: Mapping[str, Any]) -> str:
     """Short stable hash of a synthetic-cohort config (16 hexadecimal characters)."""
     text = json.dumps(dict(config), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _package_version() -> str:
+    from . import __version__
+
+    return str(__version__)
