@@ -273,3 +273,30 @@ def test_load_cohort_from_bids_and_csv(tiny_bids: Path, tmp_path: Path, counter)
 def test_load_cohort_validates_the_data_section(data, pattern) -> None:
     with pytest.raises(BrainAgeInputError, match=pattern):
         load_cohort(data, progress=False)
+
+
+def test_load_cohort_synthetic_generates_once(tmp_path: Path, monkeypatch) -> None:
+    synth = pytest.importorskip("brainage_core.synth")
+    calls = []
+    original = synth.generate_cohort
+
+    def counting(config, out, **kw):
+        calls.append(Path(out))
+        return original(config, out, **kw)
+
+    monkeypatch.setattr(synth, "generate_cohort", counting)
+    data = {"source": "synthetic", "resolution": RES, "cache_dir": str(tmp_path / "cache"),
+            "synthetic": {"n_subjects": 5, "resolution": 4, "seed": 2}}  # fmt: skip
+    cohort = load_cohort(data, progress=False, n_jobs=1)
+    assert len(calls) == 1 and calls[0].name.endswith(".partial")
+    source_root = Path(cohort.metadata["source_root"])
+    assert source_root.parent == tmp_path / "cache" / "synthetic"
+    assert not calls[0].exists()  # moved into place once complete
+    assert (source_root / "derivatives" / "ground_truth").is_dir()
+    assert cohort.metadata["oracle_mae"] > 0 and len(cohort) == 5
+    assert cohort.resolution == RES
+    again = load_cohort(data, progress=False, n_jobs=1)
+    assert len(calls) == 1 and again.root == cohort.root
+    other = load_cohort({**data, "synthetic": {**data["synthetic"], "seed": 3}},
+                        progress=False, n_jobs=1)  # fmt: skip
+    assert len(calls) == 2 and other.root != cohort.root
