@@ -39,7 +39,7 @@ def mean_map(maps: Iterable[Any]) -> np.ndarray:
     total: np.ndarray | None = None
     count = 0
     for item in maps:
-        arr = _as_array(item)
+        arr = load_map(item)
         if total is None:
             total = np.zeros(arr.shape, dtype=np.float64)
         elif arr.shape != total.shape:
@@ -151,7 +151,8 @@ def save_population_maps(
     return written
 
 
-def _as_array(item: Any) -> np.ndarray:
+def load_map(item: Any) -> np.ndarray:
+    """One map as an array: from an array, a tensor, a NIfTI image or a NIfTI file path."""
     if isinstance(item, (str, os.PathLike)):
         if not Path(item).is_file():
             raise BrainAgeInputError("importance map not found", item)
