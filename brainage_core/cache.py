@@ -143,6 +143,20 @@ class PreparedCohort:
         check_choice("split", split, SPLITS)
         return np.flatnonzero(self.table["split"].to_numpy() == split)
 
+    def mean_image(self, split: str | None = None) -> np.ndarray:
+        """Mean image of a split (or of the whole cohort), streamed one image at a time.
+
+        Returns
+        -------
+        numpy.ndarray of float32
+            Array of shape :attr:`shape`.
+        """
+        indices = np.arange(len(self)) if split is None else self.indices(split)
+        total = np.zeros(self.shape, dtype=np.float64)
+        for i in indices:
+            total += self.images[i]
+        return (total / max(len(indices), 1)).astype(np.float32)
+
     def to_image(self, data: np.ndarray) -> nib.Nifti1Image:
         """Wrap an array on the cohort's grid into a NIfTI image (MNI affine)."""
         img = nib.Nifti1Image(np.asarray(data), self.affine)

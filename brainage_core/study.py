@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from ._validation import BrainAgeInputError, check_choice, check_positive
 from .cache import PreparedCohort, file_lock, prepare_cohort
 from .manifest import ON_ERROR_CHOICES, fetch_oasis, load_bids, load_csv
@@ -205,3 +207,37 @@ def _package_version() -> str:
     from . import __version__
 
     return str(__version__)
+
+
+def data_summary(cohort: PreparedCohort) -> dict[str, Any]:
+    """The ``data`` section of ``metrics.json`` for a prepared cohort.
+
+    Returns
+    -------
+    dict
+        ``source``, ``source_root``, ``n_subjects``, ``n_train``, ``n_val``, ``n_test``,
+        ``n_skipped``, ``resolution``, ``grid_shape``, ``age_min``, ``age_max``,
+        ``oracle_mae`` (None for real data) and ``cache`` (the cache folder).
+    """
+    table = cohort.table
+    counts = table["split"].value_counts()
+    return {
+        "source": cohort.metadata.get("source"),
+        "source_root": cohort.metadata.get("source_root"),
+        "n_subjects": len(cohort),
+        "n_train": int(counts.get("train", 0)),
+        "n_val": int(counts.get("val", 0)),
+        "n_test": int(counts.get("test", 0)),
+        "n_skipped": int(cohort.metadata.get("n_skipped", 0)),
+        "resolution": cohort.resolution,
+        "grid_shape": list(cohort.shape),
+        "age_min": float(table["age"].min()),
+        "age_max": float(table["age"].max()),
+        "oracle_mae": cohort.metadata.get("oracle_mae"),
+        "cache": str(cohort.root),
+    }
+
+
+def participants_table(cohort: PreparedCohort) -> pd.DataFrame:
+    """Participants with their split, in cache order, without machine-specific paths."""
+    return cohort.table.drop(columns=["path"], errors="ignore").copy()

@@ -77,6 +77,10 @@ def test_prepared_cohort_layout(tmp_path: Path) -> None:
     img = cohort.to_image(cohort.image(0))
     np.testing.assert_allclose(img.affine, tpl.affine)
     assert cohort.skipped.empty
+    train = cohort.indices("train")
+    np.testing.assert_allclose(
+        cohort.mean_image("train"), np.mean([cohort.image(i) for i in train], axis=0), atol=1e-5
+    )
     with pytest.raises(BrainAgeInputError, match="'split' must be one of"):
         cohort.indices("training")
 
