@@ -54,9 +54,11 @@ DATA_SOURCES = ("synthetic", "bids", "csv", "oasis")
 ON_ERROR = ("raise", "skip")
 
 #: Validators of the sections owned by other modules: dotted section -> candidate
-#: ``(module, class)`` pairs, each class with a ``from_dict`` that raises on bad keys. A
-#: module that is not installed yet is skipped (its section is then checked at run time).
+#: ``(module, name)`` pairs, each a class with a ``from_dict`` or a function that raises on
+#: bad keys. A module that is not installed yet is skipped (its section is then checked
+#: when its notebook runs).
 SECTION_VALIDATORS: dict[str, tuple[tuple[str, str], ...]] = {
+    "data": (("brainage_core.study", "resolve_data_config"),),
     "data.synthetic": (("brainage_core.synth", "SynthConfig"),),
     "prediction": (("brainage_core.training", "TrainConfig"),),
     "maps": (
@@ -285,7 +287,7 @@ def _validate_data(data: Mapping[str, Any]) -> None:
 
 
 def _find_validator(candidates: Iterable[tuple[str, str]]):
-    """Return the first importable ``Class.from_dict`` among ``candidates``, or None."""
+    """Return the first importable ``Class.from_dict`` (or function) of ``candidates``."""
     for module_name, class_name in candidates:
         try:
             module = importlib.import_module(module_name)
@@ -298,9 +300,11 @@ def _find_validator(candidates: Iterable[tuple[str, str]]):
                 )
                 continue  # a partial checkout: the module's own dependency is missing
             raise
-        cls = getattr(module, class_name, None)
-        if cls is not None and hasattr(cls, "from_dict"):
-            return cls.from_dict
+        obj = getattr(module, class_name, None)
+        if obj is not None and hasattr(obj, "from_dict"):
+            return obj.from_dict
+        if callable(obj):
+            return obj
     return None
 
 
