@@ -41,6 +41,7 @@ def _mark_ok(run: RunDir) -> None:
 
 
 def _copy_book_sources(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
     for name in ("_config.yml", "_toc.yml", "references.bib"):
         shutil.copy2(BOOK_ROOT / name, dest / name)
     shutil.copytree(BOOK_ROOT / "book", dest / "book",
