@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+
+from .._validation import BrainAgeInputError
+from ..config import PRESETS, load_config, run_name
 
 DESCRIPTION = """\
 Build the study's book (Jupyter Book 1) from a finished run.
@@ -21,8 +25,12 @@ The result is OUT/html/index.html.
 """
 
 EPILOG = """\
+The run is named either by its folder (--run-dir) or by the same --preset, --config and
+-p options that 'brainage-study run' was given (the folder is then derived the same way).
+
 examples:
-  brainage-study run --preset quick && brainage-study book --run-dir runs/quick-<hash>
+  brainage-study run --preset quick && brainage-study book --preset quick
+  brainage-study book --preset quick -p prediction.epochs 3
   brainage-study book --run-dir runs/default --out _build
   python -m http.server -d _build/html        # then open http://localhost:8000
 """
@@ -37,8 +45,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--run-dir", metavar="DIR", required=True,
-                        help="the run folder (made by 'brainage-study run')")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run-dir", metavar="DIR",
+                       help="the run folder (made by 'brainage-study run')")
+    which.add_argument("--preset", choices=PRESETS,
+                       help="derive the run folder from this preset (with --config and -p), "
+                            "as 'brainage-study run' does")
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="with --preset: the YAML file the run was given")
+    parser.add_argument("-p", "--param", nargs=2, action="append", default=[],
+                        metavar=("KEY", "VALUE"), dest="params",
+                        help="with --preset: the overrides the run was given")
+    parser.add_argument("--runs-root", metavar="DIR", default="runs",
+                        help="with --preset: parent of the run folders (default: runs)")
     parser.add_argument("--out", metavar="DIR", default="_build",
                         help="output folder; the book goes to OUT/html (default: _build)")
     parser.add_argument("--allow-warnings", action="store_true",
@@ -51,9 +70,16 @@ def main(args: argparse.Namespace) -> int:
     """Build the book; return the exit code."""
     from ..book import BookBuildError, build_book
 
+    run_dir = args.run_dir
+    if run_dir is None:
+        config = load_config(args.preset, args.config, [tuple(p) for p in args.params])
+        run_dir = os.path.join(args.runs_root, run_name(config))
+    elif args.config or args.params:
+        raise BrainAgeInputError("--config and -p name a run together with --preset, "
+                                 "not with --run-dir")
     start = time.perf_counter()
     try:
-        index = build_book(args.run_dir, args.out,
+        index = build_book(run_dir, args.out,
                            warnings_as_errors=not args.allow_warnings)
     except BookBuildError as err:
         print(f"brainage-study book: error: {err}", file=sys.stderr)
