@@ -45,6 +45,18 @@ BOOK_SOURCES = ("_config.yml", "_toc.yml", "references.bib", "book")
 #: Folder of the staged sources that receives the run's notebooks and artefacts.
 RESULTS = Path("book") / "results"
 
+#: Staged folder of vendored static files (Sphinx copies it into ``html/_static``). Not
+#: ``_static``: Jupyter Book would load every ``.js`` file found there on every page.
+VENDOR = "_vendor"
+
+#: Parts of MathJax 3's ``es5`` build that the book needs: the TeX-to-CHTML component,
+#: its fonts, the TeX extensions it loads on demand, the menu and accessibility code.
+MATHJAX_PARTS = ("tex-chtml.js", "output/chtml/fonts/woff-v2", "input/tex/extensions",
+                 "ui", "a11y")
+
+#: Where MathJax comes from when it cannot be vendored.
+MATHJAX_CDN = "https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-chtml.js"
+
 
 class BookBuildError(RuntimeError):
     """``jupyter-book build`` failed; the message holds the end of its log."""
@@ -148,10 +160,57 @@ def stage_book(
                   file=sys.stderr)
             write_text(src / f"{page}.md", f"# {rel.name.replace('_', ' ').capitalize()}\n\n"
                        "```{note}\nThis chapter is not written yet.\n```\n")
+    math = vendor_mathjax(src)
     write_text(results / "index.md", _results_index(run, config, notebooks))
     write_text(results / "downloads.md", _downloads(run, results / "files"))
-    write_text(results / "run_status.md", _run_status(run, config))
+    write_text(results / "run_status.md", _run_status(run, config, math))
     return src
+
+
+def mathjax_source() -> Path | None:
+    """MathJax 3's ``es5`` folder from the ``django-static-mathjax`` wheel, if installed.
+
+    That PyPI package (Apache-2.0, no dependencies) ships MathJax 3.2 as static files; it
+    is how the book typesets mathematics without a network connection.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("mathjax")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    es5 = Path(list(spec.submodule_search_locations)[0]) / "static" / "mathjax" / "es5"
+    return es5 if (es5 / "tex-chtml.js").is_file() else None
+
+
+def vendor_mathjax(src: Path) -> str:
+    """Serve MathJax from the book itself when possible; return how math is typeset.
+
+    Copies :data:`MATHJAX_PARTS` into ``src/_vendor/mathjax`` and points the staged
+    ``_config.yml`` at it. Without the wheel, the book keeps MathJax's CDN.
+    """
+    es5 = mathjax_source()
+    if es5 is None:
+        return (f"MathJax 3 from its CDN ({MATHJAX_CDN}); offline, formulas show as LaTeX "
+                "source. Install django-static-mathjax to serve it from the book.")
+    target = src / VENDOR / "mathjax"
+    for part in MATHJAX_PARTS:
+        source = es5 / part
+        if source.is_dir():
+            shutil.copytree(source, target / part)
+        else:
+            (target / part).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / part)
+    config_path = src / "_config.yml"
+    book_config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    sphinx_config = book_config.setdefault("sphinx", {}).setdefault("config", {})
+    sphinx_config["mathjax_path"] = "mathjax/tex-chtml.js"
+    sphinx_config["html_static_path"] = [VENDOR]
+    write_text(config_path, yaml.safe_dump(book_config, sort_keys=False))
+    import importlib.metadata as metadata
+
+    version = metadata.version("django-static-mathjax")
+    return (f"MathJax {version.rsplit('.', 1)[0]} served from this book (`_static/mathjax`, "
+            f"vendored from the django-static-mathjax {version} wheel): works offline.")
 
 
 def _publish_notebook(source: Path, target: Path) -> None:
@@ -293,8 +352,9 @@ def _downloads(run: RunDir, files: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _run_status(run: RunDir, config: Mapping[str, Any]) -> str:
+def _run_status(run: RunDir, config: Mapping[str, Any], math: str) -> str:
     return "\n".join([
+        f"Mathematics: {math}\n",
         f"Run folder: `{run.root.name}`. Steps, as executed by papermill:\n",
         _md_table(_step_rows(run)),
         "Its configuration (`config.yaml`):\n",

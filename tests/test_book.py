@@ -26,6 +26,16 @@ from brainage_core.config import load_config, run_name
 from brainage_core.pipeline import NOTEBOOK_DIR, load_state
 from brainage_core.rundir import RunDir
 
+#: Waits up to 10 s for MathJax; returns [typeset formulas, formulas on the page].
+WAIT_FOR_MATH_JS = """
+(async () => {
+  const count = () => document.querySelectorAll('mjx-container').length;
+  const total = document.querySelectorAll('div.math, span.math').length;
+  for (let i = 0; i < 100 && count() < total; i++) await new Promise(r => setTimeout(r, 100));
+  return [count(), total];
+})()
+"""
+
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM = find_chromium()
 needs_chromium = pytest.mark.skipif(
@@ -169,10 +179,9 @@ def test_built_book_has_no_broken_internal_links(quick_book):
 
 
 @pytest.mark.slow
-def test_solutions_are_hidden_by_default(quick_book):
+def test_solutions_are_dropdowns(quick_book):
     html = (quick_book / "book" / "teaching" / "exercises.html").read_text()
-    assert html.count('class="admonition solution') == 4 or html.count("solution dropdown") >= 4
-    assert html.count("dropdown") >= 4
+    assert html.count('class="solution dropdown admonition"') == 4
 
 
 @pytest.mark.slow
@@ -215,3 +224,20 @@ def test_book_renders_in_headless_chromium(quick_book):
     static_images = [img for img in results["images"] if "_images/" in img["src"]]
     assert len(static_images) >= 2, "the nilearn figures are missing from the results page"
     assert (ARTIFACTS / "book_results.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_math_and_hidden_solutions_in_headless_chromium(quick_book):
+    with Chromium(CHROMIUM) as browser:
+        browser.open((quick_book / "book" / "method.html").as_uri())
+        rendered, formulas = browser.evaluate(WAIT_FOR_MATH_JS)
+        browser.open((quick_book / "book" / "teaching" / "exercises.html").as_uri())
+        solutions = browser.evaluate(
+            "Array.from(document.querySelectorAll('.solution')).map(e => "
+            "({hidden: e.classList.contains('toggle-hidden'), text: e.innerText.length}))")
+    assert formulas > 10
+    assert rendered == formulas, "MathJax did not typeset the method chapter"
+    assert len(solutions) == 4
+    assert all(s["hidden"] for s in solutions), "solutions must be hidden until clicked"
+    assert all(s["text"] < 120 for s in solutions), "a solution's body is visible"
