@@ -238,6 +238,8 @@ def broken_internal_links(html_root: str | os.PathLike) -> list[str]:
     html_root = Path(html_root)
     broken = []
     for page in sorted(html_root.rglob("*.html")):
+        if page.relative_to(html_root).parts[0] == "_static":
+            continue  # the theme's template fragments, not pages
         parser = _LinkParser()
         parser.feed(page.read_text(encoding="utf-8", errors="replace"))
         for link in parser.links:
