@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import nbformat
@@ -79,6 +80,25 @@ def test_runs_in_order_into_stable_names(notebooks, config, tmp_path):
     injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert injected and str(run_dir.resolve()) in injected[0].source
     assert "step 02_second ran" in executed.cells[-1].outputs[0]["text"]
+
+
+def test_notebooks_run_with_this_interpreter(config, tmp_path, monkeypatch):
+    """The kernel is this environment's python, whatever 'python3' kernel is installed."""
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    body = ("import sys\nfrom pathlib import Path\n"
+            "(Path(run_dir) / 'python.txt').write_text(sys.executable)")
+    nbformat.write(_notebook(body), folder / "01_which.ipynb")
+    # a user-level kernelspec named python3 pointing elsewhere must not win
+    user = tmp_path / "user_jupyter" / "kernels" / "python3"
+    user.mkdir(parents=True)
+    (user / "kernel.json").write_text(json.dumps(
+        {"argv": ["/nonexistent/python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+         "display_name": "elsewhere", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "user_jupyter"))
+    monkeypatch.setenv("JUPYTER_PREFER_ENV_PATH", "0")
+    _run(config, tmp_path / "run", folder)
+    assert Path((tmp_path / "run" / "python.txt").read_text()) == Path(sys.executable)
 
 
 def test_rerun_skips_unchanged_and_reruns_downstream_of_a_change(notebooks, config, tmp_path):
