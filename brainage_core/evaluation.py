@@ -232,6 +232,7 @@ def prediction_metrics(
     correction: BiasCorrection,
     *,
     oracle_mae: float | None = None,
+    baseline_column: str = "baseline_predicted_age",
 ) -> dict[str, Any]:
     """The ``prediction`` section of ``metrics.json`` from a :func:`prediction_table`.
 
@@ -243,6 +244,8 @@ def prediction_metrics(
         The fitted bias correction.
     oracle_mae : float or None, default=None
         Irreducible MAE of a synthetic cohort (``cohort.metadata["oracle_mae"]``).
+    baseline_column : str, default="baseline_predicted_age"
+        Column of the table holding the baseline's predictions, if any.
 
     Returns
     -------
@@ -251,7 +254,8 @@ def prediction_metrics(
         ``test_r2``, ``train_mae``, ``val_mae``, ``bias_slope``, ``bias_intercept``,
         ``n_train``/``n_val``/``n_test`` and, where the truth is known, ``oracle_mae``,
         ``ratio_test_oracle``, ``gap_corr_true_gap``, ``gap_auc_accelerated`` (on the test
-        subjects). Undefined values are None, so the dict is valid JSON.
+        subjects); with baseline predictions, ``baseline_mae`` and ``ratio_test_baseline``.
+        Undefined values are None, so the dict is valid JSON.
     """
     out: dict[str, Any] = {}
     for split in ("train", "val", "test"):
@@ -271,6 +275,9 @@ def prediction_metrics(
     if oracle_mae is not None:
         out["oracle_mae"] = float(oracle_mae)
         out["ratio_test_oracle"] = out["test_mae"] / float(oracle_mae)
+    if baseline_column in test:
+        out["baseline_mae"] = regression_metrics(test["age"], test[baseline_column])["mae"]
+        out["ratio_test_baseline"] = out["test_mae"] / out["baseline_mae"]
     if "true_gap" in test and len(test) > 1:
         tg, gc = test["true_gap"].to_numpy(float), test["gap_corrected"].to_numpy(float)
         ok = np.std(tg) > 0 and np.std(gc) > 0

@@ -253,6 +253,19 @@ class TrainResult:
             return float("nan")
         return float(np.mean([h["subjects_per_second"] for h in self.history]))
 
+    def summary(self) -> dict[str, float | int | bool]:
+        """Training figures for ``metrics.json``: epochs, best epoch, speed."""
+        return {
+            "epochs_run": len(self.history),
+            "best_epoch": self.best_epoch,
+            "best_val_mae": self.best_val_mae,
+            "stopped_early": self.stopped_early,
+            "seconds_per_epoch": self.seconds_per_epoch,
+            "subjects_per_second": self.subjects_per_second,
+            "train_minutes": float(sum(h["train_seconds"] + h["val_seconds"]
+                                       for h in self.history)) / 60.0,
+        }
+
 
 def train_predictor(
     config: TrainConfig | dict[str, Any],

@@ -99,6 +99,12 @@ def test_prediction_table_and_metrics_on_a_fake_cohort():
     assert m["n_train"] + m["n_val"] + m["n_test"] == 40
     assert m["gap_corr_true_gap"] > 0.9
     assert m["test_mae_corrected"] < m["test_mae"]
+    assert "baseline_mae" not in m
+    table["baseline_predicted_age"] = table["age"] - 2.0
+    m = prediction_metrics(table, corr)
+    assert m["baseline_mae"] == pytest.approx(2.0)
+    assert m["ratio_test_baseline"] == pytest.approx(m["test_mae"] / 2.0)
+    assert "oracle_mae" not in m
     with pytest.raises(BrainAgeInputError, match="one value per subject"):
         prediction_table(cohort, pred[:5])
 
