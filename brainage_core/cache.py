@@ -351,20 +351,11 @@ def _compute_images(
     partial.mkdir(parents=True, exist_ok=True)
     images_path = partial / "images.npy"
     done_path = partial / "done.tsv"
-    records = _read_done(done_path, n) if images_path.is_file() else {}
-    if images_path.is_file():
-        try:
-            images = np.load(images_path, mmap_mode="r+")
-        except (ValueError, OSError):
-            images = None
-        if images is None or images.shape != shape or images.dtype != np.float16:
-            images, records = None, {}
-    else:
-        images = None
-    if images is None:
-        records = {}
+    writer = ImageFileWriter.resume(images_path, shape)
+    records = _read_done(done_path, n) if writer is not None else {}
+    if writer is None:
         done_path.unlink(missing_ok=True)
-        images = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.float16, shape=shape)
+        writer = ImageFileWriter.create(images_path, shape)
 
     todo = [i for i in range(n) if i not in records]
     paths = manifest["path"].tolist()
@@ -373,7 +364,7 @@ def _compute_images(
 
     def flush() -> None:
         if pending:
-            images.flush()
+            writer.flush()
             with open(done_path, "a", encoding="utf-8") as fh:
                 for i, reason in pending:
                     fh.write(f"{i}\t{'' if reason is None else reason}\n")
@@ -403,7 +394,7 @@ def _compute_images(
                     )
                 pending.append((i, reason))
             else:
-                images[i] = array
+                writer.write(i, array)
                 pending.append((i, None))
             if len(pending) >= FLUSH_EVERY:
                 flush()
@@ -411,6 +402,7 @@ def _compute_images(
     finally:
         results.close()  # stops the workers now, also on an error or an interrupt
         flush()
+        writer.close()
         bar.close()
     return records
 
@@ -497,13 +489,11 @@ def _publish(
     if not ok.all():  # drop the skipped slots, streaming
         src = np.load(images_path, mmap_mode="r")
         compact_path = partial / "images.compact.npy"
-        dst = np.lib.format.open_memmap(
-            compact_path, mode="w+", dtype=np.float16, shape=(int(ok.sum()), *src.shape[1:])
-        )
+        dst = ImageFileWriter.create(compact_path, (int(ok.sum()), *src.shape[1:]))
         for j, i in enumerate(np.flatnonzero(ok)):
-            dst[j] = src[i]
-        dst.flush()
-        del src, dst
+            dst.write(j, src[i])
+        dst.close()
+        del src
         os.replace(compact_path, images_path)
 
     table = manifest.loc[ok].reset_index(drop=True).copy()
@@ -534,6 +524,77 @@ def _publish(
     if final.exists():  # a stale, incomplete folder (no metadata.json): replace it
         shutil.rmtree(final)
     os.replace(partial, final)
+
+
+class ImageFileWriter:
+    """Write images one by one into a float16 ``.npy`` file, by offset.
+
+    The main process writes each image with :func:`os.pwrite` at its place in the file
+    instead of mapping the whole array, so its memory stays that of one image however
+    large the cohort (the written pages live in the page cache, not in the process).
+
+    Use :meth:`create` for a new file, :meth:`resume` to continue an existing one.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...], offset: int) -> None:
+        self.path = path
+        self.shape = shape
+        self.offset = offset
+        self.image_bytes = int(np.prod(shape[1:])) * 2
+        self._fd = os.open(path, os.O_RDWR)
+
+    @classmethod
+    def create(cls, path: Path, shape: tuple[int, ...]) -> ImageFileWriter:
+        """Create (or overwrite) ``path`` as a sparse float16 array of ``shape``."""
+        header = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+        offset = int(header.offset)
+        del header
+        return cls(path, shape, offset)
+
+    @classmethod
+    def resume(cls, path: Path, shape: tuple[int, ...]) -> ImageFileWriter | None:
+        """Reopen ``path`` if it is a float16 array of ``shape``; None otherwise."""
+        if not path.is_file():
+            return None
+        try:
+            with open(path, "rb") as fh:
+                version = np.lib.format.read_magic(fh)
+                read = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                file_shape, fortran, dtype = read(fh)
+                offset = fh.tell()
+        except (ValueError, OSError):
+            return None
+        expected = offset + int(np.prod(shape)) * 2
+        if (
+            tuple(file_shape) != tuple(shape)
+            or fortran
+            or dtype != np.float16
+            or path.stat().st_size != expected
+        ):
+            return None
+        return cls(path, shape, offset)
+
+    def write(self, index: int, array: np.ndarray) -> None:
+        """Write image ``index``."""
+        data = np.ascontiguousarray(array, dtype=np.float16)
+        if data.shape != self.shape[1:]:
+            raise ValueError(f"image of shape {data.shape}; expected {self.shape[1:]}")
+        os.pwrite(self._fd, data.tobytes(), self.offset + index * self.image_bytes)
+
+    def flush(self) -> None:
+        """Make the written images durable (fsync)."""
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        if self._fd >= 0:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -304,3 +304,16 @@ def test_load_cohort_synthetic_generates_once(tmp_path: Path, monkeypatch) -> No
     other = load_cohort({**data, "synthetic": {**data["synthetic"], "seed": 3}},
                         progress=False, n_jobs=1)  # fmt: skip
     assert len(calls) == 2 and other.root != cohort.root
+
+
+def test_image_writer_resumes_only_a_matching_file(tmp_path: Path) -> None:
+    path = tmp_path / "images.npy"
+    writer = cache_mod.ImageFileWriter.create(path, (3, 4, 5, 6))
+    writer.write(1, np.full((4, 5, 6), 2.5))
+    writer.close()
+    np.testing.assert_array_equal(np.load(path)[1], np.full((4, 5, 6), 2.5, np.float16))
+    assert np.load(path)[0].max() == 0
+    assert cache_mod.ImageFileWriter.resume(path, (3, 4, 5, 6)) is not None
+    assert cache_mod.ImageFileWriter.resume(path, (4, 4, 5, 6)) is None
+    path.write_bytes(path.read_bytes()[:-10])  # truncated
+    assert cache_mod.ImageFileWriter.resume(path, (3, 4, 5, 6)) is None
