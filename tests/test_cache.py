@@ -313,7 +313,9 @@ def test_image_writer_resumes_only_a_matching_file(tmp_path: Path) -> None:
     writer.close()
     np.testing.assert_array_equal(np.load(path)[1], np.full((4, 5, 6), 2.5, np.float16))
     assert np.load(path)[0].max() == 0
-    assert cache_mod.ImageFileWriter.resume(path, (3, 4, 5, 6)) is not None
+    resumed = cache_mod.ImageFileWriter.resume(path, (3, 4, 5, 6))
+    assert resumed is not None
+    resumed.close()
     assert cache_mod.ImageFileWriter.resume(path, (4, 4, 5, 6)) is None
     path.write_bytes(path.read_bytes()[:-10])  # truncated
     assert cache_mod.ImageFileWriter.resume(path, (3, 4, 5, 6)) is None
