@@ -130,6 +130,8 @@ class MapsStudy:
         section = dict(config.get("maps") or {})
         section.update({k: v for k, v in (overrides or {}).items() if v is not None})
         settings = MapsConfig.from_dict(section, seed=config.get("seed", 0))
+        if settings.num_threads is not None:
+            torch.set_num_threads(settings.num_threads)
         cohort = load_cohort(config["data"], progress=progress)
         ckpt = run.root / "checkpoints" / "predictor.pt"
         if not ckpt.is_file():
@@ -145,6 +147,16 @@ class MapsStudy:
         from .datasets import CohortDataset
 
         return CohortDataset(self.cohort, split=split)
+
+    def subset(self, split: str, n: int | None) -> Any:
+        """A dataset of at most ``n`` subjects of a split (a seeded random subset)."""
+        from .datasets import CohortDataset
+
+        idx = self.indices(split)
+        if n is not None and len(idx) > n:
+            rng = np.random.default_rng(self.settings.seed or 0)
+            idx = np.sort(rng.choice(idx, size=int(n), replace=False))
+        return CohortDataset(self.cohort, indices=idx)
 
     def indices(self, split: str = "test", n: int | None = None) -> np.ndarray:
         """Cohort positions of a split's subjects (the first ``n`` if given)."""
@@ -222,8 +234,8 @@ def fit_noise_model(study: MapsStudy, *, progress: bool = True) -> FitResult:
             )
             resume = False
     explainer.fit(
-        study.dataset("train"),
-        study.dataset("val"),
+        study.subset("train", s.max_train_subjects),
+        study.subset("val", s.max_val_subjects),
         epochs=s.epochs,
         batch_size=s.batch_size,
         lr=s.lr,
@@ -247,6 +259,15 @@ def fit_noise_model(study: MapsStudy, *, progress: bool = True) -> FitResult:
     return FitResult(explainer=explainer, calibration=curve, train_seconds=seconds)
 
 
+def load_noise_model(study: MapsStudy) -> NoiseMapExplainer:
+    """The trained noise model of the run (``checkpoints/noise_model.pt``)."""
+    if not study.noise_checkpoint.is_file():
+        raise BrainAgeInputError(
+            "no trained noise model: run notebooks/03_explain.ipynb first", study.noise_checkpoint
+        )
+    return NoiseMapExplainer.load(study.noise_checkpoint, study.predictor, mask=study.cohort.mask)
+
+
 def _calibration_curve(study: MapsStudy, *, progress: bool) -> pd.DataFrame:
     path = study.run.tables / CALIBRATION_TABLE
     s = study.settings
@@ -259,8 +280,8 @@ def _calibration_curve(study: MapsStudy, *, progress: bool) -> pd.DataFrame:
     kwargs.pop("lam")
     result = calibrate_lambda(
         study.predictor,
-        study.dataset("train"),
-        study.dataset("val"),
+        study.subset("train", s.max_train_subjects),
+        study.subset("val", s.max_val_subjects),
         lambdas=s.lambdas,
         tolerance=s.tolerance,
         explainer_kwargs={"mask": study.cohort.mask, **kwargs},
