@@ -90,9 +90,13 @@ class UNet3D(nn.Module):
             raise ValueError(f"'x' must have shape (N, C, X, Y, Z); {tuple(x.shape)} was provided.")
         shape = x.shape[2:]
         factor = 2**self.depth
+        # pad symmetrically (odd remainders on the far side), so that a left-right
+        # symmetric image gets a (nearly) symmetric map
+        extra = [(-size) % factor for size in shape]
+        before = [e // 2 for e in extra]
         pad = []
-        for size in reversed(shape):
-            pad.extend([0, (-size) % factor])
+        for e, b in zip(reversed(extra), reversed(before), strict=True):
+            pad.extend([b, e - b])
         h = F.pad(x, pad)
         skips = []
         for level, block in enumerate(self.down):
@@ -103,4 +107,10 @@ class UNet3D(nn.Module):
         for up, merge, skip in zip(self.up, self.merge, reversed(skips[:-1]), strict=True):
             h = merge(torch.cat([up(h), skip], dim=1))
         out = self.head(h)
-        return out[:, :, : shape[0], : shape[1], : shape[2]]
+        return out[
+            :,
+            :,
+            before[0] : before[0] + shape[0],
+            before[1] : before[1] + shape[1],
+            before[2] : before[2] + shape[2],
+        ]
