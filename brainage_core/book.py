@@ -297,9 +297,19 @@ def _results_index(run: RunDir, config: Mapping[str, Any], notebooks: list[Path]
     if not metrics:
         parts.append("The run wrote no `metrics.json`.\n")
     for section, values in metrics.items():
-        if isinstance(values, Mapping):
-            rows = [{"metric": k, "value": v} for k, v in values.items()]
-            parts += [f"### {section}\n", _md_table(rows)]
+        if not isinstance(values, Mapping):
+            continue
+        nested = {k: v for k, v in values.items() if isinstance(v, Mapping)}
+        flat = [{"metric": k, "value": v} for k, v in values.items() if k not in nested]
+        parts.append(f"### {section}\n")
+        if flat:
+            parts.append(_md_table(flat))
+        if nested:  # e.g. one row per attribution method, one column per score
+            columns: list[str] = []
+            for row in nested.values():
+                columns += [c for c in row if c not in columns]
+            parts.append(_md_table([{"": name, **{c: row.get(c, "") for c in columns}}
+                                    for name, row in nested.items()]))
     parts += ["## Steps\n", _md_table(_step_rows(run))]
     return "\n".join(parts)
 

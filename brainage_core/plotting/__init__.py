@@ -10,5 +10,5 @@ Submodules, imported on demand so that one figure's dependencies never break ano
     Importance maps: static nilearn views, per-method comparisons.
 ``brainage_core.plotting.interactive``
     Plotly set-up for the book (:func:`~brainage_core.plotting.interactive.setup_plotly`),
-    the slice viewer of a map over the template and a hoverable age scatter.
+    the slice viewer of a map over the template.
 """

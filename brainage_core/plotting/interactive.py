@@ -11,11 +11,9 @@ a CDN; neither is used.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np
-import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 
@@ -101,7 +99,7 @@ def slice_viewer(
     orientation : {"axial", "coronal", "sagittal"}, default="axial"
         Slicing direction.
     threshold : float or None, default=None
-        Map values below it are transparent. None uses the 75th percentile of the non-zero
+        Map values below it are transparent. None uses the 80th percentile of the non-zero
         values, so the background stays visible.
     colorscale : str or list, default="overlay"
         Plotly colour scale of the map; ``"overlay"`` is a red-to-yellow scale (like
@@ -139,7 +137,7 @@ def slice_viewer(
     if finite.size == 0:
         raise BrainAgeInputError("the map holds no non-zero finite value to show.")
     if threshold is None:
-        threshold = float(np.percentile(finite, 75))
+        threshold = float(np.percentile(finite, 80))
     vmax = float(finite.max()) if vmax is None else float(vmax)
 
     axis, (h_axis, v_axis), (h_label, v_label), slice_name = ORIENTATIONS[orientation]
@@ -197,67 +195,3 @@ def slice_viewer(
 def _axis_mm(affine: np.ndarray, axis: int, n: int) -> np.ndarray:
     """World coordinates (mm) of the voxel centres along one axis of an RAS-aligned grid."""
     return np.round(affine[axis, axis] * np.arange(n) + affine[axis, 3], 2)
-
-
-def age_scatter(
-    predictions: pd.DataFrame | str | os.PathLike,
-    *,
-    predicted: str = "predicted_age",
-    age: str = "age",
-    color: str | None = "split",
-    hover: Sequence[str] = ("participant_id", "gap", "gap_corrected", "group"),
-    title: str | None = "Predicted against chronological age",
-) -> go.Figure:
-    """Predicted against chronological age, one point per subject, with hover details.
-
-    Parameters
-    ----------
-    predictions : pandas.DataFrame or path to a CSV
-        The run's ``tables/predictions.csv`` (participant_id, age, split, predicted_age,
-        gap, ...).
-    predicted, age : str
-        Columns of the predicted and chronological age.
-    color : str or None, default="split"
-        Column that colours the points (ignored if absent).
-    hover : sequence of str
-        Columns shown on hover (those absent are skipped).
-    title : str or None
-        Figure title.
-
-    Returns
-    -------
-    plotly.graph_objects.Figure
-        The scatter and the identity line.
-    """
-    if not isinstance(predictions, pd.DataFrame):
-        if not os.path.exists(predictions):
-            raise BrainAgeInputError("predictions table does not exist", predictions)
-        predictions = pd.read_csv(predictions)
-    missing = [c for c in (predicted, age) if c not in predictions.columns]
-    if missing:
-        raise BrainAgeInputError(
-            f"the predictions table lacks the column(s) {missing}; it has "
-            f"{list(predictions.columns)}."
-        )
-    hover_cols = [c for c in hover if c in predictions.columns]
-    groups = (
-        predictions.groupby(color, sort=True) if color and color in predictions.columns
-        else [("subjects", predictions)]
-    )
-    fig = go.Figure()
-    for name, part in groups:
-        custom = part[hover_cols].to_numpy() if hover_cols else None
-        lines = [f"{c}: %{{customdata[{i}]}}" for i, c in enumerate(hover_cols)]
-        fig.add_trace(go.Scatter(
-            x=part[age], y=part[predicted], mode="markers", name=str(name),
-            customdata=custom, marker={"size": 7, "opacity": 0.8},
-            hovertemplate="<br>".join([*lines, "age: %{x:.1f}", "predicted: %{y:.1f}"])
-            + "<extra></extra>",
-        ))
-    lo = float(np.nanmin(predictions[[age, predicted]].to_numpy()))
-    hi = float(np.nanmax(predictions[[age, predicted]].to_numpy()))
-    fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="identity",
-                             line={"dash": "dash", "color": "grey"}, hoverinfo="skip"))
-    fig.update_layout(title=title, xaxis_title="chronological age (years)",
-                      yaxis_title="predicted age (years)", height=480)
-    return fig
