@@ -70,7 +70,9 @@ def load_bids(root: str | os.PathLike) -> pd.DataFrame:
         recorded. A participant without an image gets an empty ``path`` and one without
         a row in ``participants.tsv`` a missing ``age``: :func:`validate_manifest`
         reports both. ``manifest.attrs["metadata"]`` holds the source description
-        (``source``, ``source_root``, and ``oracle_mae`` for a synthetic cohort).
+        (``source``, ``source_root``, and ``oracle_mae`` for a synthetic cohort). Without
+        a ``site`` column, the site is the dataset's ``Name`` (dataset_description.json)
+        or else the folder's name.
     """
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
@@ -111,10 +113,11 @@ def load_bids(root: str | os.PathLike) -> pd.DataFrame:
         participants["session"] = participants["participant_id"].map(
             lambda p: images.get(p, ("", None))[1]
         )
-    if "site" not in participants.columns:
-        participants["site"] = root.name
+    metadata = bids_metadata(root)
+    if "site" not in participants.columns:  # one site: the dataset's name
+        participants["site"] = metadata.get("dataset_name") or root.name
     manifest = _to_manifest(participants)
-    manifest.attrs["metadata"] = bids_metadata(root)
+    manifest.attrs["metadata"] = metadata
     return manifest
 
 

@@ -31,7 +31,7 @@ def test_load_bids_builds_the_manifest(tiny_bids: Path) -> None:
     # "male" and "F" are normalised to M/F
     assert set(m["sex"]) == {"M", "F"}
     assert m.loc[1, "sex"] == "M" and m.loc[0, "sex"] == "F"
-    assert set(m["site"]) == {"bids"}
+    assert set(m["site"]) == {"tiny"}  # the dataset's Name
     assert m.attrs["metadata"]["source"] == "bids"
     assert mf.validate_manifest(m).shape[0] == 6
 
