@@ -379,7 +379,7 @@ def _compute_images(
         initial=n - len(todo),
         desc=f"prepare {template.resolution} mm",
         unit="img",
-        disable=None if progress else True,
+        **({} if progress else {"disable": True}),  # else TQDM_DISABLE decides
     )
     results = _iter_results(todo, paths, template.resolution, n_jobs)
     try:
