@@ -155,3 +155,20 @@ def test_synth_then_prepare(tmp_path: Path, capsys) -> None:
     assert cohort.metadata["oracle_mae"] == pytest.approx(desc["SyntheticCohort"]["oracle_mae"])
     assert cohort.metadata["source"] == "synthetic"
     assert cohort.metadata["source_root"] == str(ds.resolve())
+
+
+@pytest.mark.slow
+def test_bench_data_smoke(tmp_path: Path, capsys) -> None:
+    """The data benchmark runs end to end on a tiny cohort and reports its figures."""
+    pytest.importorskip("brainage_core.synth")
+    from brainage_core.bench import data as bench_data
+
+    figures = bench_data.run(["--n", "2", "--resolution", "8", "--n-jobs", "1",
+                              "--workdir", str(tmp_path)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "generation :" in out and "preparation:" in out
+    assert figures["grid_shape"] == [20, 24, 21]
+    for key in ("generate_s_per_subject", "prepare_s_per_subject", "prepare_peak_rss_main_mb",
+                "cache_disk_mb", "dataset_disk_mb"):  # fmt: skip
+        assert figures[key] > 0, key
+    assert list(tmp_path.iterdir()) == []  # the temporary dataset and cache are removed
