@@ -48,6 +48,9 @@ SPLIT_SEED = 0
 #: Worker processes used to generate and prepare images.
 N_JOBS = 2
 
+#: Seconds allowed for the OASIS download (about 1 GB; instant once downloaded).
+OASIS_TIMEOUT = 1800.0
+
 
 def resolve_data_config(data_config: Mapping[str, Any]) -> dict[str, Any]:
     """Validate a ``data`` section and fill in the defaults.
@@ -132,7 +135,7 @@ def load_cohort(
     elif source == "csv":
         manifest = load_csv(cfg["path"])
     else:
-        manifest = fetch_oasis(data_dir=cfg["path"])
+        manifest = fetch_oasis(data_dir=cfg["path"], timeout=OASIS_TIMEOUT)
     return prepare_cohort(
         manifest,
         cache_dir / "prepared",

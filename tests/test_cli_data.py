@@ -172,3 +172,17 @@ def test_bench_data_smoke(tmp_path: Path, capsys) -> None:
                 "cache_disk_mb", "dataset_disk_mb"):  # fmt: skip
         assert figures[key] > 0, key
     assert list(tmp_path.iterdir()) == []  # the temporary dataset and cache are removed
+
+
+def test_data_notebook_is_clean_and_parameterised() -> None:
+    """notebooks/01_data.ipynb: a 'parameters' cell with run_dir, committed without outputs."""
+    import nbformat
+
+    path = Path(__file__).resolve().parents[1] / "notebooks" / "01_data.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1
+    assert tagged[0].source.startswith('run_dir = "runs/quick"')
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    assert any("load_cohort(" in c.source for c in nb.cells)
