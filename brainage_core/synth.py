@@ -206,13 +206,13 @@ def default_effects() -> list[AgeEffect]:
     """The default ageing: ventricles, hippocampi and frontal/insular/temporal cortex."""
     return [
         AgeEffect(
-            "ventricle_expansion", ["Lateral Ventricle"], strength=4.0, onset=30.0, form="quadratic"
+            "ventricle_expansion", ["Lateral Ventricle"], strength=5.0, onset=30.0, form="quadratic"
         ),
-        AgeEffect("atrophy", ["Hippocampus"], strength=0.4, onset=40.0, form="linear"),
+        AgeEffect("atrophy", ["Hippocampus"], strength=0.5, onset=40.0, form="linear"),
         AgeEffect(
             "cortical_thinning",
             list(DEFAULT_CORTICAL_REGIONS),
-            strength=0.3,
+            strength=0.4,
             onset=40.0,
             form="linear",
         ),
@@ -247,7 +247,7 @@ class SynthConfig:
         The planted ageing.
     nuisance_scale : float, default=1.0
         Multiplies every nuisance amplitude below; 0 switches nuisance off.
-    deformation_mm : float, default=2.0
+    deformation_mm : float, default=1.5
         Standard deviation (mm) of the smooth random deformation (individual anatomy).
     deformation_spacing_mm : float, default=16.0
         Spacing (mm) of the control points of the random deformation and bias field.
@@ -265,7 +265,7 @@ class SynthConfig:
         Standard deviation of the log of the contrast exponent (gamma).
     scale_sd : float, default=0.1
         Standard deviation of the log global intensity scale.
-    noise_sd : float, default=0.03
+    noise_sd : float, default=0.02
         Standard deviation of the Gaussian noise (template intensities lie in [0, 1]).
     ground_truth_threshold : float, default=0.02
         Smallest noise-free intensity change between ``b = age_min`` and ``b = age_max``
@@ -284,7 +284,7 @@ class SynthConfig:
     male_fraction: float = 0.5
     effects: list[AgeEffect] = field(default_factory=default_effects)
     nuisance_scale: float = 1.0
-    deformation_mm: float = 2.0
+    deformation_mm: float = 1.5
     deformation_spacing_mm: float = 16.0
     head_size_sd: float = 0.03
     head_size_sex_difference: float = 0.04
@@ -293,7 +293,7 @@ class SynthConfig:
     bias_field_sd: float = 0.08
     contrast_sd: float = 0.1
     scale_sd: float = 0.1
-    noise_sd: float = 0.03
+    noise_sd: float = 0.02
     ground_truth_threshold: float = 0.02
 
     def __post_init__(self) -> None:
