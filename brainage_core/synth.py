@@ -535,16 +535,16 @@ class AgeingModel:
         self._expansion: list[tuple[AgeEffect, np.ndarray, float]] = []
         for effect in self.effects:
             region = atlas.region_mask(effect.regions).astype(np.float32)
+            if not region.any():
+                raise BrainAgeInputError(
+                    f"the regions {effect.regions} of a {effect.kind} effect have no voxels on "
+                    f"the {config.resolution} mm grid; choose larger regions or a finer grid."
+                )
             sigma = effect.sigma_mm / res
             if effect.kind == "ventricle_expansion":
                 smooth = ndimage.gaussian_filter(region, sigma) if sigma > 0 else region
                 grad = np.stack(np.gradient(smooth)).astype(np.float32)  # per voxel
-                norm = float(np.sqrt((grad**2).sum(axis=0)).max())
-                if norm == 0:
-                    raise BrainAgeInputError(
-                        f"effect regions {effect.regions} are empty on the {config.resolution} "
-                        "mm grid."
-                    )
+                norm = max(float(np.sqrt((grad**2).sum(axis=0)).max()), 1e-12)
                 # Velocity of unit top speed (1 mm per unit of strength), in voxels.
                 velocity = grad / (norm * res)
                 strain = np.sqrt(
