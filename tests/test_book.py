@@ -20,10 +20,17 @@ from _fixtures_book import PAGE_REPORT_JS, Chromium, broken_internal_links, find
 from _fixtures_pipeline import make_fake_run
 
 from brainage_core._validation import BrainAgeInputError
-from brainage_core.book import BOOK_ROOT, BookBuildError, build_book, check_run, stage_book
+from brainage_core.book import (
+    BOOK_ROOT,
+    BookBuildError,
+    build_book,
+    check_run,
+    mathjax_source,
+    stage_book,
+)
 from brainage_core.cli import main as cli
 from brainage_core.config import load_config, run_name
-from brainage_core.pipeline import NOTEBOOK_DIR, load_state
+from brainage_core.pipeline import NOTEBOOK_DIR, code_fingerprint, load_state
 from brainage_core.rundir import RunDir
 
 #: Waits up to 10 s for MathJax; returns [typeset formulas, formulas on the page].
@@ -126,7 +133,9 @@ def test_build_fails_when_a_book_page_fails(tmp_path):
 def quick_run(tmp_path_factory) -> Path:
     """``brainage-study run --preset quick`` into a fresh run folder."""
     run_dir = tmp_path_factory.mktemp("quick") / "run"
+    code = code_fingerprint()
     assert cli(["run", "--preset", "quick", "--run-dir", str(run_dir)]) == 0
+    (run_dir / "code_fingerprint.txt").write_text(code)
     return run_dir
 
 
@@ -148,7 +157,10 @@ def test_quick_run_executes_every_study_notebook(quick_run):
     assert RunDir(quick_run).load_config() == load_config("quick")
     steps = load_state(RunDir(quick_run))["steps"]
     assert {s["status"] for s in steps.values()} == {"ok"}
-    # the same command again skips every step
+    # the same command again skips every step (unless the package code changed meanwhile,
+    # as it may in a working tree others are editing: then every step rightly re-runs)
+    if code_fingerprint() != (quick_run / "code_fingerprint.txt").read_text():
+        pytest.skip("brainage_core changed during the test; the skip check needs a stable tree")
     assert cli(["run", "--preset", "quick", "--run-dir", str(quick_run)]) == 0
     assert load_state(RunDir(quick_run))["steps"] == steps
 
@@ -156,9 +168,10 @@ def test_quick_run_executes_every_study_notebook(quick_run):
 @pytest.mark.slow
 def test_a_parameter_override_gives_a_separate_run(quick_run, tmp_path):
     runs_root = tmp_path / "runs"
-    assert cli(["run", "--preset", "quick", "-p", "prediction.epochs", "1",
-                "--runs-root", str(runs_root)]) == 0
-    expected = runs_root / run_name(load_config("quick", overrides=[("prediction.epochs", 1)]))
+    overrides = [("prediction.epochs", 1), ("maps.epochs", 1)]  # 1 epoch each: a fast run
+    assert cli(["run", "--preset", "quick", "--runs-root", str(runs_root),
+                *[arg for key, value in overrides for arg in ("-p", key, str(value))]]) == 0
+    expected = runs_root / run_name(load_config("quick", overrides=overrides))
     assert [p for p in runs_root.iterdir()] == [expected]
     assert RunDir(expected).load_config()["prediction"]["epochs"] == 1
     assert RunDir(quick_run).load_config()["prediction"]["epochs"] != 1  # untouched
@@ -237,7 +250,8 @@ def test_math_and_hidden_solutions_in_headless_chromium(quick_book):
             "Array.from(document.querySelectorAll('.solution')).map(e => "
             "({hidden: e.classList.contains('toggle-hidden'), text: e.innerText.length}))")
     assert formulas > 10
-    assert rendered == formulas, "MathJax did not typeset the method chapter"
+    if mathjax_source() is not None:  # served from the book: must typeset offline
+        assert rendered == formulas, "MathJax did not typeset the method chapter"
     assert len(solutions) == 4
     assert all(s["hidden"] for s in solutions), "solutions must be hidden until clicked"
     assert all(s["text"] < 120 for s in solutions), "a solution's body is visible"
