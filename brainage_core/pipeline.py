@@ -174,7 +174,10 @@ def python_kernel(name: str = KERNEL_NAME) -> Iterator[str]:
         spec_dir = Path(tmp) / "kernels" / name
         spec_dir.mkdir(parents=True)
         spec = {
-            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            # log_level=ERROR: the kernel's own log (not the cells' output) stays quiet,
+            # e.g. ipykernel's notice that a local kernel talks over TCP.
+            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
+                     "--IPKernelApp.log_level=ERROR"],
             "display_name": f"Python 3 ({Path(sys.prefix).name})",
             "language": "python",
             "metadata": {"debugger": True},
