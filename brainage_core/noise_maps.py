@@ -731,9 +731,11 @@ class MapsConfig:
         Target of the task loss (see the module docstring for why "prediction").
     lam : float, default=1.0
         Lambda of the noise term, used as is unless ``calibrate`` is true.
-    s_min, s_max : float, default=0.0, 1.0
+    s_min, s_max : float, default=0.0, 0.3
         Noise standard deviation at B = 0 and B = 1, in units of the normalised
         intensities (CSF near 0, white matter near 1; see :mod:`brainage_core.preprocess`).
+        At 1.0 (the full tissue contrast) the predictors of the study lose their
+        prediction under almost any noise and B collapses towards 0 everywhere.
     channels, depth : int, default=8, 2
         Width and depth of the U-Net noise model.
     downsample : int, default=1
@@ -785,7 +787,7 @@ class MapsConfig:
     target: str = "prediction"
     lam: float = 1.0
     s_min: float = 0.0
-    s_max: float = 1.0
+    s_max: float = 0.3
     channels: int = 8
     depth: int = 2
     downsample: int = 1
