@@ -165,3 +165,26 @@ def test_bad_inputs_are_named(data):
 
     with pytest.raises(BrainAgeInputError, match="shaped \\(N,\\)"):
         NoiseMapExplainer(TwoOutputs(), channels=2).fit(data.images[:2], epochs=1, progress=False)
+
+
+def test_maps_config_from_dict_and_errors():
+    from brainage_core.noise_maps import MapsConfig
+
+    config = MapsConfig.from_dict({"epochs": 3, "lam": 2}, seed=5)
+    assert config.epochs == 3 and config.lam == 2.0 and isinstance(config.lam, float)
+    assert config.seed == 5  # the study's seed when the section sets none
+    assert MapsConfig.from_dict({"seed": 1}, seed=5).seed == 1
+    assert MapsConfig.from_dict(None).to_dict() == MapsConfig().to_dict()
+    kwargs = config.explainer_kwargs()
+    assert kwargs["lam"] == 2.0 and kwargs["seed"] == 5
+    NoiseMapExplainer(RegionPredictor(np.ones((4, 4, 4), bool)), **kwargs)  # accepted as is
+    with pytest.raises(BrainAgeInputError, match="'epoch'"):
+        MapsConfig.from_dict({"epoch": 3})
+    with pytest.raises(BrainAgeInputError, match="maps.target"):
+        MapsConfig.from_dict({"target": "truth"})
+    with pytest.raises(BrainAgeInputError, match="maps.s_max"):
+        MapsConfig.from_dict({"s_min": 0.5, "s_max": 0.2})
+    with pytest.raises(BrainAgeInputError, match="maps.baselines"):
+        MapsConfig.from_dict({"baselines": ["lime"]})
+    with pytest.raises(BrainAgeInputError, match="maps.max_train_subjects"):
+        MapsConfig.from_dict({"max_train_subjects": 0})
