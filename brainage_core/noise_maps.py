@@ -821,9 +821,13 @@ class MapsConfig:
             check_positive(f"maps.{name}", getattr(self, name), allow_zero=True)
         for name in ("s_max", "lr", "per_subject_lr", "age_band_width"):
             check_positive(f"maps.{name}", getattr(self, name))
+        for name in ("max_train_subjects", "max_val_subjects", "num_threads"):
+            if getattr(self, name) is not None:
+                check_positive(f"maps.{name}", getattr(self, name), integer=True)
         for name in (
             "channels",
             "depth",
+            "downsample",
             "epochs",
             "batch_size",
             "calibration_epochs",
