@@ -32,6 +32,10 @@ from ._validation import BrainAgeInputError, check_choice, check_fraction, check
 #: Output heads of :class:`BrainAgeCNN`.
 HEADS = ("regression", "soft_label")
 
+#: How the last feature map becomes a feature vector: SFCN's global average pool, or a
+#: flattening that keeps where in the brain a feature was found (the inputs are registered).
+POOLS = ("avg", "flatten")
+
 #: Normalisation layers a block may use. ``"batch"`` is SFCN's choice; ``"group"`` and
 #: ``"instance"`` act per subject, so they behave identically for any batch split.
 NORMS = ("batch", "group", "instance", "none")
@@ -53,6 +57,9 @@ class BrainAgeCNN(nn.Module):
         Normalisation after each convolution.
     dropout : float, default=0.0
         Dropout probability before the head.
+    pool : {"avg", "flatten"}, default="avg"
+        Global average pooling of the last feature map (SFCN), or flattening it (the
+        head then sees where each feature lies; inputs are registered to the template).
     age_mean, age_std : float, default=60.0, 10.0
         Mean and standard deviation of the training ages (regression head): the head
         predicts ``(age - age_mean) / age_std``.
@@ -76,6 +83,7 @@ class BrainAgeCNN(nn.Module):
         head: str = "regression",
         norm: str = "batch",
         dropout: float = 0.0,
+        pool: str = "avg",
         age_mean: float = 60.0,
         age_std: float = 10.0,
         age_range: Sequence[float] = (40.0, 90.0),
@@ -88,6 +96,7 @@ class BrainAgeCNN(nn.Module):
         check_choice("head", head, HEADS)
         check_choice("norm", norm, NORMS)
         check_fraction("dropout", dropout)
+        check_choice("pool", pool, POOLS)
         check_positive("age_std", age_std)
         check_positive("bin_width", bin_width)
         check_positive("soft_label_sigma", soft_label_sigma)
@@ -98,6 +107,7 @@ class BrainAgeCNN(nn.Module):
             "head": head,
             "norm": norm,
             "dropout": float(dropout),
+            "pool": pool,
             "age_mean": float(age_mean),
             "age_std": float(age_std),
             "age_range": [lo, hi],
@@ -105,6 +115,7 @@ class BrainAgeCNN(nn.Module):
             "soft_label_sigma": float(soft_label_sigma),
         }
         self.head = head
+        self.pool = pool
         blocks = []
         in_ch = 1
         for out_ch in channels:
@@ -112,6 +123,9 @@ class BrainAgeCNN(nn.Module):
             in_ch = out_ch
         self.features = nn.Sequential(*blocks)
         self.dropout = nn.Dropout(dropout)
+        if pool == "flatten":
+            final = [s // 2 ** len(channels) for s in input_shape]
+            in_ch *= final[0] * final[1] * final[2]
         if head == "regression":
             self.output = nn.Linear(in_ch, 1)
             bin_centers = torch.zeros(0)
@@ -146,8 +160,15 @@ class BrainAgeCNN(nn.Module):
             raise BrainAgeInputError(
                 f"'x' must have shape (N, 1, X, Y, Z); {tuple(x.shape)} was provided."
             )
+        if tuple(x.shape[2:]) != self.input_shape and self.pool == "flatten":
+            raise BrainAgeInputError(
+                f"'x' must have the grid {self.input_shape} the model was built for; "
+                f"{tuple(x.shape[2:])} was provided."
+            )
         h = self.features(x)
-        h = torch.flatten(F.adaptive_avg_pool3d(h, 1), 1)
+        if self.pool == "avg":
+            h = F.adaptive_avg_pool3d(h, 1)
+        h = torch.flatten(h, 1)
         out = self.output(self.dropout(h))
         if self.head == "regression":
             return out[:, 0]

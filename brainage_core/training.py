@@ -32,7 +32,7 @@ from ._validation import BrainAgeInputError, check_choice, check_fraction, check
 from .datasets import SPLITS, Augmentation, CohortDataset
 from .distributed import DistContext, barrier, broadcast_float, init_distributed
 from .evaluation import predict
-from .models import HEADS, NORMS, BrainAgeCNN
+from .models import HEADS, NORMS, POOLS, BrainAgeCNN
 
 #: Version tag written into every checkpoint.
 CHECKPOINT_FORMAT = "brainage-predictor/1"
@@ -57,6 +57,8 @@ class TrainConfig:
         Normalisation layer of each block.
     dropout : float, default=0.0
         Dropout before the head.
+    pool : {"avg", "flatten"}, default="avg"
+        Global average pool (SFCN) or flattening of the last feature map.
     bin_width : float, default=1.0
         Age-bin width in years (soft-label head).
     soft_label_sigma : float, default=1.0
@@ -108,6 +110,7 @@ class TrainConfig:
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 64])
     norm: str = "batch"
     dropout: float = 0.0
+    pool: str = "avg"
     bin_width: float = 1.0
     soft_label_sigma: float = 1.0
     loss: str = "mae"
@@ -132,6 +135,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_choice("head", self.head, HEADS)
         check_choice("norm", self.norm, NORMS)
+        check_choice("pool", self.pool, POOLS)
         check_choice("loss", self.loss, ("mae", "mse"))
         check_choice("schedule", self.schedule, ("cosine", "constant"))
         if not isinstance(self.channels, (list, tuple)) or not self.channels or not all(
@@ -203,6 +207,7 @@ class TrainConfig:
             "head": self.head,
             "norm": self.norm,
             "dropout": self.dropout,
+            "pool": self.pool,
             "age_mean": float(ages.mean()),
             "age_std": float(max(ages.std(), 1e-3)),
             "age_range": [float(lo), float(hi)],

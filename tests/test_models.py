@@ -14,10 +14,11 @@ SHAPE = (12, 14, 12)
 
 @pytest.mark.parametrize("head", ["regression", "soft_label"])
 @pytest.mark.parametrize("norm", ["batch", "group", "instance", "none"])
-def test_forward_returns_one_age_in_years_per_subject(head, norm):
+@pytest.mark.parametrize("pool", ["avg", "flatten"])
+def test_forward_returns_one_age_in_years_per_subject(head, norm, pool):
     torch.manual_seed(0)
-    model = BrainAgeCNN(SHAPE, channels=[4, 8], head=head, norm=norm, age_mean=63.0,
-                        age_std=9.0, age_range=(40, 90)).eval()
+    model = BrainAgeCNN(SHAPE, channels=[4, 8], head=head, norm=norm, pool=pool,
+                        age_mean=63.0, age_std=9.0, age_range=(40, 90)).eval()
     x = torch.randn(3, 1, *SHAPE)
     ages = model(x)
     assert ages.shape == (3,)
@@ -84,6 +85,7 @@ def test_losses_are_zero_at_the_truth():
         ({"channels": [4, -1]}, "'channels' must be a non-empty list"),
         ({"channels": [4, 4, 4, 4]}, "too small for 4 blocks"),
         ({"dropout": 1.5}, "'dropout' must lie in"),
+        ({"pool": "max"}, "'pool' must be one of"),
         ({"age_range": (80, 40)}, "'age_range' must be two numbers"),
     ],
 )
@@ -96,5 +98,8 @@ def test_bad_input_shape_is_a_clear_error():
     model = BrainAgeCNN(SHAPE, channels=[4])
     with pytest.raises(BrainAgeInputError, match=r"'x' must have shape \(N, 1, X, Y, Z\)"):
         model(torch.zeros(2, *SHAPE))
+    flat = BrainAgeCNN(SHAPE, channels=[4], pool="flatten")
+    with pytest.raises(BrainAgeInputError, match=r"grid \(12, 14, 12\) the model was built"):
+        flat(torch.zeros(1, 1, 12, 14, 14))
     with pytest.raises(BrainAgeInputError, match="'input_shape' must be 3 integers"):
         BrainAgeCNN((12, 14), channels=[4])
