@@ -90,7 +90,10 @@ def plot_subjects_by_age(
         if "biological_age" in chosen.columns:
             label += f" (biological {row.biological_age:.0f})"
         rows.append((label, nib.load(path)))
-    fig, axes = plt.subplots(len(rows), 1, figsize=(9, 2.6 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(8, 2.2 * len(rows)), squeeze=False)
+    fig.subplots_adjust(
+        left=0.01, right=0.99, top=0.97 if title else 0.99, bottom=0.01, hspace=0.08
+    )
     for ax, (label, img) in zip(axes[:, 0], rows, strict=True):
         data = np.asarray(img.dataobj, dtype=np.float32)
         vmax = float(np.percentile(data[data > 0], 99.5)) if (data > 0).any() else 1.0
