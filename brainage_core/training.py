@@ -94,11 +94,15 @@ class TrainConfig:
         Torch CPU threads during training (None: leave torch's setting).
     num_workers : int, default=0
         DataLoader worker processes (0 loads in the training process).
-    preload : bool, default=True
+    preload : bool, default=False
         Convert the training and validation volumes to float32 in memory once, instead
-        of reading the float16 memmap each epoch.
-    channels_last : bool, default=False
-        Use the ``channels_last_3d`` memory format.
+        of reading the float16 memmap each epoch. Measured on 2 CPU cores at 4 mm
+        (``bench predict --sweep``): a memmap read costs about 0.35 ms per subject against
+        about 100 ms of training compute, so preloading gains nothing measurable and
+        costs memory; it is off.
+    channels_last : bool, default=True
+        Use the ``channels_last_3d`` memory format (inputs and weights). Measured on 2 CPU
+        cores at 4 mm: 1.3-1.8x more training subjects per second.
     eval_batch_size : int, default=32
         Batch size of validation and prediction.
     baseline_downsample : int, default=2
@@ -127,8 +131,8 @@ class TrainConfig:
     amp: bool = True
     num_threads: int | None = None
     num_workers: int = 0
-    preload: bool = True
-    channels_last: bool = False
+    preload: bool = False
+    channels_last: bool = True
     eval_batch_size: int = 32
     baseline_downsample: int = 2
 
