@@ -168,7 +168,8 @@ def python_kernel(name: str = KERNEL_NAME) -> Iterator[str]:
 
     A kernelspec pointing at ``sys.executable`` is written to a temporary folder that is
     put first on ``JUPYTER_PATH``, so a ``python3`` kernel registered elsewhere (another
-    environment, the user's ``~/.local``) cannot shadow the study's environment.
+    environment, the user's ``~/.local``) cannot shadow the study's environment. The
+    kernel draws matplotlib figures inline even if ``MPLBACKEND`` is set (e.g. to Agg).
     """
     with tempfile.TemporaryDirectory(prefix="brainage-kernel-") as tmp:
         spec_dir = Path(tmp) / "kernels" / name
@@ -180,6 +181,9 @@ def python_kernel(name: str = KERNEL_NAME) -> Iterator[str]:
                      "--IPKernelApp.log_level=ERROR"],
             "display_name": f"Python 3 ({Path(sys.prefix).name})",
             "language": "python",
+            # Figures go into the notebook whatever MPLBACKEND the caller has (a test
+            # runner's "Agg" would silently drop every plt.show()).
+            "env": {"MPLBACKEND": "module://matplotlib_inline.backend_inline"},
             "metadata": {"debugger": True},
         }
         (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1), encoding="utf-8")

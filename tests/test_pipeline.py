@@ -87,7 +87,8 @@ def test_notebooks_run_with_this_interpreter(config, tmp_path, monkeypatch):
     folder = tmp_path / "notebooks"
     folder.mkdir()
     body = ("import sys\nfrom pathlib import Path\n"
-            "(Path(run_dir) / 'python.txt').write_text(sys.executable)")
+            "(Path(run_dir) / 'python.txt').write_text(sys.executable)\n"
+            "import matplotlib.pyplot as plt\nplt.plot([0, 1])\nplt.show()")
     nbformat.write(_notebook(body), folder / "01_which.ipynb")
     # a user-level kernelspec named python3 pointing elsewhere must not win
     user = tmp_path / "user_jupyter" / "kernels" / "python3"
@@ -97,8 +98,11 @@ def test_notebooks_run_with_this_interpreter(config, tmp_path, monkeypatch):
          "display_name": "elsewhere", "language": "python"}))
     monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "user_jupyter"))
     monkeypatch.setenv("JUPYTER_PREFER_ENV_PATH", "0")
+    monkeypatch.setenv("MPLBACKEND", "Agg")  # as the test suite has: figures must still show
     _run(config, tmp_path / "run", folder)
     assert Path((tmp_path / "run" / "python.txt").read_text()) == Path(sys.executable)
+    executed = nbformat.read(tmp_path / "run" / "notebooks" / "01_which.ipynb", as_version=4)
+    assert any("image/png" in o.get("data", {}) for o in executed.cells[-1].outputs)
 
 
 def test_rerun_skips_unchanged_and_reruns_downstream_of_a_change(notebooks, config, tmp_path):
