@@ -17,8 +17,9 @@ torch.set_num_threads(1)
 
 SETTINGS = {
     "lam": 3.0,
+    "s_max": 1.0,
     "channels": 4,
-    "epochs": 20,
+    "epochs": 30,
     "batch_size": 2,
     "lr": 1e-2,
     "per_subject_steps": 30,
@@ -57,7 +58,7 @@ def test_steps_write_maps_tables_and_metrics(tmp_path, cohort):
     prepared, region = cohort
     fit = explain.fit_noise_model(study, progress=False)
     assert study.noise_checkpoint.is_file() and fit.calibration is None
-    assert fit.explainer.epochs_trained == 20 and fit.train_seconds > 0
+    assert fit.explainer.epochs_trained == 30 and fit.train_seconds > 0
     # a second call loads the finished checkpoint instead of training again
     again = explain.fit_noise_model(study, progress=False)
     assert again.train_seconds == pytest.approx(fit.train_seconds)
