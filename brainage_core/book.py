@@ -2,14 +2,15 @@
 
 The book's sources (``_config.yml``, ``_toc.yml``, ``references.bib``, ``book/``) are
 staged into a build folder together with the run's executed notebooks, which become
-``book/results/NN_step.ipynb``. The run is published as papermill executed it: the results
-notebooks are excluded from execution (``execute.exclude_patterns`` in ``_config.yml``);
-only the cheap pages of ``book/`` are executed at build time. Staging also writes
+``notebooks/NN_step.ipynb`` there (the path of their sources in the repository, which the
+launch buttons open). The run is published as papermill executed it: those notebooks are
+excluded from execution (``execute.exclude_patterns`` in ``_config.yml``); only the cheap
+pages of ``book/`` are executed at build time. Staging also writes
 
 - ``book/results/index.md``: the run's name, its headline metrics and its steps;
 - ``book/results/downloads.md``: download links for the maps, tables, metrics and config;
 - ``book/results/run_status.md``: included by the status page (config, step timings);
-- a placeholder page for a study step the run does not have.
+- a placeholder page for a study step the run does not have (``notebooks/NN_step.md``).
 
 The build runs ``jupyter-book build`` with warnings as errors, so a notebook error, a
 broken cross-reference or a missing citation fails it. A run with a failed step is refused
@@ -42,7 +43,12 @@ BOOK_ROOT = Path(__file__).resolve().parent.parent
 #: Files and folders of the book's sources, relative to :data:`BOOK_ROOT`.
 BOOK_SOURCES = ("_config.yml", "_toc.yml", "references.bib", "book")
 
-#: Folder of the staged sources that receives the run's notebooks and artefacts.
+#: Staged folder of the run's executed notebooks. It mirrors the repository's
+#: ``notebooks/``, so the Binder and Colab buttons of a results page open the source
+#: notebook of that step.
+NOTEBOOKS = Path("notebooks")
+
+#: Staged folder of the generated pages (results overview, downloads, run status).
 RESULTS = Path("book") / "results"
 
 #: Staged folder of vendored static files (Sphinx copies it into ``html/_static``). Not
@@ -143,18 +149,21 @@ def stage_book(
             shutil.copy2(source, src / name)
     results = src / RESULTS
     results.mkdir(parents=True)
+    (src / NOTEBOOKS).mkdir(parents=True)
     present = {p.stem for p in notebooks}
     for path in notebooks:
-        _publish_notebook(path, results / path.name)
+        _publish_notebook(path, src / NOTEBOOKS / path.name)
     config = run.load_config()
     generated = {"index", "downloads"}
     for page in _toc_files(src / "_toc.yml"):
         if any((src / page).with_suffix(ext).exists() for ext in (".md", ".ipynb")):
             continue
         rel = Path(page)
-        if rel.parent == RESULTS:
-            if rel.name not in generated and rel.name not in present:
+        if rel.parent == NOTEBOOKS:
+            if rel.name not in present:
                 write_text(src / f"{page}.md", _placeholder(rel.name, run.root.name))
+        elif rel.parent == RESULTS and rel.name in generated:
+            continue  # written below
         else:
             print(f"warning: the book page {page} is missing; a placeholder stands in",
                   file=sys.stderr)

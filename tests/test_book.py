@@ -102,10 +102,11 @@ def test_staging_publishes_the_run_and_its_files(tmp_path):
     _mark_ok(run)
     src = stage_book(run.root, tmp_path / "src")
     results = src / "book" / "results"
-    staged = nbformat.read(results / "05_visualise.ipynb", as_version=4)
+    staged = nbformat.read(src / "notebooks" / "05_visualise.ipynb", as_version=4)
     assert "remove-cell" in staged.cells[0].metadata["tags"]  # machine paths hidden
     # steps the run lacks get a placeholder page, so the table of contents resolves
-    assert "has no `02_train` step" in (results / "02_train.md").read_text()
+    assert "has no `02_train` step" in (src / "notebooks" / "02_train.md").read_text()
+    assert not (src / "notebooks" / "01_data.ipynb").exists()  # only the run's notebooks
     downloads = (results / "downloads.md").read_text()
     assert "{download}`population_importance.nii.gz <files/maps/" in downloads
     assert "{download}`regions.csv <files/tables/regions.csv>`" in downloads
@@ -201,8 +202,8 @@ def test_solutions_are_dropdowns(quick_book):
 @needs_chromium
 def test_book_renders_in_headless_chromium(quick_book):
     pages = {
-        "results": "book/results/05_visualise.html",
-        "training": "book/results/02_train.html",
+        "results": "notebooks/05_visualise.html",
+        "training": "notebooks/02_train.html",
         "home": "book/index.html",
         "status": "book/status.html",
         "data": "book/data.html",
