@@ -51,14 +51,18 @@ class TrainConfig:
     ----------
     head : {"regression", "soft_label"}, default="regression"
         Output head of :class:`~brainage_core.models.BrainAgeCNN`.
-    channels : list of int, default=[16, 32, 64, 64]
-        Channels per convolutional block (its length is the depth).
+    channels : list of int, default=[8, 16, 32, 64]
+        Channels per convolutional block (its length is the depth). The default is the
+        benchmarked setting at 4 mm on 2 CPU cores; SFCN-like widths such as
+        [32, 64, 128, 256, 256] suit 1-2 mm grids on a GPU.
     norm : {"batch", "group", "instance", "none"}, default="batch"
         Normalisation layer of each block.
     dropout : float, default=0.0
         Dropout before the head.
-    pool : {"avg", "flatten"}, default="avg"
-        Global average pool (SFCN) or flattening of the last feature map.
+    pool : {"avg", "flatten"}, default="flatten"
+        Global average pool (SFCN) or flattening of the last feature map. Flattening
+        converged faster at 4 mm (validation MAE 3.51 against 3.63 years after 5 epochs on
+        350 subjects).
     bin_width : float, default=1.0
         Age-bin width in years (soft-label head).
     soft_label_sigma : float, default=1.0
@@ -67,7 +71,7 @@ class TrainConfig:
         Loss of the regression head (the soft-label head uses the KL divergence).
     epochs : int, default=30
         Maximum number of epochs.
-    batch_size : int, default=16
+    batch_size : int, default=8
         Global batch size (divided between processes under ``torchrun``).
     learning_rate : float, default=3e-3
         Peak learning rate of AdamW.
@@ -76,7 +80,7 @@ class TrainConfig:
     schedule : {"cosine", "constant"}, default="cosine"
         Learning-rate schedule per step after the warm-up: cosine decay to zero over
         ``epochs``, or constant.
-    warmup_epochs : float, default=1.0
+    warmup_epochs : float, default=0.5
         Linear warm-up length in epochs (0 for none).
     patience : int, default=10
         Early stopping: stop when the validation MAE has not improved for this many
@@ -111,19 +115,19 @@ class TrainConfig:
     """
 
     head: str = "regression"
-    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 64])
+    channels: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
     norm: str = "batch"
     dropout: float = 0.0
-    pool: str = "avg"
+    pool: str = "flatten"
     bin_width: float = 1.0
     soft_label_sigma: float = 1.0
     loss: str = "mae"
     epochs: int = 30
-    batch_size: int = 16
+    batch_size: int = 8
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4
     schedule: str = "cosine"
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 0.5
     patience: int = 10
     augment: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
@@ -459,7 +463,7 @@ class _Trainer:
         quiet = {} if self.progress and self.ctx.is_main else {"disable": True}
         bar = tqdm(total=self.cfg.epochs * self.steps_per_epoch,
                    initial=self.epoch * self.steps_per_epoch, unit="batch",
-                   desc="training predictor", **quiet)
+                   desc="training predictor", mininterval=1.0, **quiet)
         try:
             while not self.finished and self.epoch < self.cfg.epochs:
                 self._train_epoch(net, bar)
@@ -502,8 +506,9 @@ class _Trainer:
             self.scheduler.step()
             total += float(loss.detach()) * len(age)
             count += len(age)
+            bar.set_postfix(loss=f"{total / count:.4f}", val_mae=self._last_val_mae(),
+                            refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{total / count:.4f}", val_mae=self._last_val_mae())
         train_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         preds = predict(self.model, self.val_data, batch_size=cfg.eval_batch_size,
