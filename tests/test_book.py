@@ -173,7 +173,8 @@ def test_a_parameter_override_gives_a_separate_run(quick_run, tmp_path):
     assert cli(["run", "--preset", "quick", "--runs-root", str(runs_root),
                 *[arg for key, value in overrides for arg in ("-p", key, str(value))]]) == 0
     expected = runs_root / run_name(load_config("quick", overrides=overrides))
-    assert [p for p in runs_root.iterdir()] == [expected]
+    assert sorted(runs_root.iterdir()) == [runs_root / "quick", expected]
+    assert (runs_root / "quick").resolve() == expected.resolve()  # link to the latest run
     assert RunDir(expected).load_config()["prediction"]["epochs"] == 1
     assert RunDir(quick_run).load_config()["prediction"]["epochs"] != 1  # untouched
     # the executed notebooks got the new run folder and show the new value

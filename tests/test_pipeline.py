@@ -186,3 +186,20 @@ def test_study_notebooks_are_clean_and_parameterised(path):
             assert not cell.outputs, f"{path.name}: cell {index} has outputs (commit it clean)"
             assert cell.execution_count is None, f"{path.name}: cell {index} has a count"
     assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
+
+
+def test_runs_name_links_to_the_latest_run(tmp_path):
+    from brainage_core.cli.run import _link_latest
+
+    first, second = tmp_path / "quick-aaaa", tmp_path / "quick-bbbb"
+    first.mkdir()
+    second.mkdir()
+    _link_latest(str(tmp_path), "quick", first)
+    assert (tmp_path / "quick").resolve() == first.resolve()
+    _link_latest(str(tmp_path), "quick", second)
+    assert (tmp_path / "quick").resolve() == second.resolve()
+    assert first.is_dir()  # the older run is untouched
+    real = tmp_path / "other"
+    real.mkdir()
+    _link_latest(str(tmp_path), "other", second)
+    assert not real.is_symlink()  # a real folder of that name is never replaced

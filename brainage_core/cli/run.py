@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from ..config import PRESETS, load_config, run_name
 
@@ -17,7 +18,8 @@ RUN_DIR/config.yaml.
 
 The configuration is a preset, then an optional YAML file merged over it, then
 -p KEY VALUE overrides (dotted keys, YAML values). Without --run-dir the run folder is
-runs/<name>-<hash of the config>, so a run with other parameters never overwrites another.
+runs/<name>-<hash of the config>, so a run with other parameters never overwrites another;
+runs/<name> then links to the latest of them.
 Re-running the same command skips the steps whose notebook, configuration and code have
 not changed; a failing cell stops the run and names the notebook and the cell, and the
 partially executed notebook is kept in RUN_DIR/notebooks/ for inspection.
@@ -113,6 +115,8 @@ def main(args: argparse.Namespace) -> int:
     except StepFailed as err:
         print(f"brainage-study run: error: {err}", file=sys.stderr)
         return 1
+    if args.run_dir is None:
+        _link_latest(args.runs_root, config["name"], result.run_dir)
     minutes = (time.perf_counter() - start) / 60
     print(
         f"done in {minutes:.1f} min: {len(result.ran)} step(s) ran, "
@@ -120,3 +124,19 @@ def main(args: argparse.Namespace) -> int:
         f"Build the book with: brainage-study book --run-dir {run_dir}"
     )
     return 0
+
+
+def _link_latest(runs_root: str, name: str, run_dir: os.PathLike) -> None:
+    """Point ``runs_root/<name>`` at the latest run of that name (a relative symlink).
+
+    This is what the notebooks' default ``run_dir = "runs/quick"`` finds when opened by
+    hand. A real folder of that name is left alone.
+    """
+    link = Path(runs_root) / name
+    if link.exists() and not link.is_symlink():
+        return
+    tmp = link.with_name(f".{name}.link")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(Path(run_dir).name, target_is_directory=True)
+    os.replace(tmp, link)
