@@ -12,7 +12,6 @@ TORCH_INDEX ?=
 PIP_QUIET ?= -q
 STAMP := $(VENV)/.setup-stamp
 PRESET ?= default
-RUN_DIR ?= runs/$(PRESET)
 
 .PHONY: setup test book bench lint clean help
 
@@ -38,8 +37,8 @@ test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 book: setup
-	$(BIN)/brainage-study run --preset $(PRESET) --run-dir $(RUN_DIR)
-	$(BIN)/brainage-study book --run-dir $(RUN_DIR)
+	$(BIN)/brainage-study run --preset $(PRESET)
+	$(BIN)/brainage-study book --preset $(PRESET)
 
 bench: setup
 	$(BIN)/brainage-study bench all
