@@ -28,8 +28,8 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install $(PIP_QUIET) --upgrade pip 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/python -m pip install $(PIP_QUIET) "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) 2>&1 | grep -v "is ignored: it is neither" || true
-	$(BIN)/python -c "import torch; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
 	$(BIN)/python -m pip install $(PIP_QUIET) -e ".[test,book]" 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -c "import torch; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
 	$(BIN)/python -c "import brainage_core, nilearn, captum, papermill, jupyter_book"
 	@touch $@
 
