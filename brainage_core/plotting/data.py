@@ -24,6 +24,7 @@ from nilearn import plotting
 from .._validation import BrainAgeInputError
 from ..synth import EFFECT_KINDS, load_ground_truth
 from ..template import load_template
+from ._figures import save_figure
 
 #: Cuts (MNI mm, x/y/z) through the hippocampi and the bodies of the lateral ventricles.
 DEFAULT_CUT_COORDS = (-26.0, -22.0, 16.0)
@@ -114,9 +115,9 @@ def plot_subjects_by_age(
     fig.patch.set_facecolor("black")
     if title:
         fig.suptitle(title, color="white")
-    if output_file is not None:
-        fig.savefig(output_file, facecolor=fig.get_facecolor(), dpi=100, bbox_inches="tight")
-    return fig
+    return save_figure(
+        fig, output_file, dpi=100, facecolor=fig.get_facecolor(), bbox_inches="tight"
+    )
 
 
 def plot_ground_truth(
@@ -184,9 +185,9 @@ def plot_ground_truth(
         handles=handles, loc="lower center", ncol=len(handles), frameon=False, labelcolor="white"
     )
     fig.patch.set_facecolor("black")
-    if output_file is not None:
-        fig.savefig(output_file, facecolor=fig.get_facecolor(), dpi=100, bbox_inches="tight")
-    return fig
+    return save_figure(
+        fig, output_file, dpi=100, facecolor=fig.get_facecolor(), bbox_inches="tight"
+    )
 
 
 def _participants(root: Path) -> pd.DataFrame:

@@ -19,8 +19,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from nilearn import plotting
 
-from .._io import atomic_path
 from .._validation import BrainAgeInputError, check_choice
+from ._figures import new_figure, save_figure
 
 #: Brain views of :func:`plot_importance_map`.
 KINDS = ("stat", "glass")
@@ -85,7 +85,7 @@ def plot_importance_map(
         plotting.plot_stat_map(img, **common, **kwargs)
     else:
         plotting.plot_glass_brain(img, **common, cmap="hot", plot_abs=False)
-    return _finish(fig, output_file)
+    return save_figure(fig, output_file)
 
 
 def plot_region_ranking(
@@ -111,7 +111,7 @@ def plot_region_ranking(
     if "mean_importance" not in table or "name" not in table:
         raise BrainAgeInputError("'table' must be a region table (name, mean_importance).")
     top = table.sort_values("rank").head(n).iloc[::-1]
-    fig, ax = _figure(axes, (7.0, 0.3 * len(top) + 1.2))
+    fig, ax = new_figure(axes, (7.0, 0.3 * len(top) + 1.2))
     colours = ["#bbbbbb"] * len(top)
     if planted:
         pattern = re.compile("|".join(re.escape(p) for p in planted), re.IGNORECASE)
@@ -131,7 +131,7 @@ def plot_region_ranking(
     ax.set_xlabel("mean importance")
     ax.tick_params(axis="y", labelsize="small")
     ax.set_title(title or (f"Top {len(top)} regions" + (" (planted in red)" if planted else "")))
-    return _finish(fig, output_file)
+    return save_figure(fig, output_file)
 
 
 def plot_tradeoff(
@@ -152,7 +152,7 @@ def plot_tradeoff(
     tolerance : float or None, default=None
         Drawn as a horizontal line.
     """
-    fig, ax = _figure(axes, (5.0, 3.8))
+    fig, ax = new_figure(axes, (5.0, 3.8))
     ax.plot(curve["mean_sigma"], curve["mae_rise"], "o-", color="#1f77b4")
     for _, row in curve.iterrows():
         ax.annotate(
@@ -178,7 +178,7 @@ def plot_tradeoff(
         ax.axhline(tolerance, color="0.4", ls="--", lw=1)
     ax.set(xlabel="mean noise s.d. in the brain", ylabel="validation MAE rise (years)")
     ax.set_title(title or "MAE–noise trade-off")
-    return _finish(fig, output_file)
+    return save_figure(fig, output_file)
 
 
 def plot_deletion_curves(
@@ -189,7 +189,7 @@ def plot_deletion_curves(
     title: str | None = None,
 ) -> Figure:
     """Deletion curves (``method``, ``fraction``, ``change``), one line per method."""
-    fig, ax = _figure(axes, (5.0, 3.8))
+    fig, ax = new_figure(axes, (5.0, 3.8))
     for method, part in curves.groupby("method", sort=False):
         ax.plot(part["fraction"], part["change"], marker=".", label=str(method))
     ax.set(
@@ -198,7 +198,7 @@ def plot_deletion_curves(
     )
     ax.legend(frameon=False, fontsize="small")
     ax.set_title(title or "Deletion curves (higher early = more faithful)")
-    return _finish(fig, output_file)
+    return save_figure(fig, output_file)
 
 
 def plot_method_maps(
@@ -230,7 +230,7 @@ def plot_method_maps(
         )
     if title:
         fig.suptitle(title)
-    return _finish(fig, output_file)
+    return save_figure(fig, output_file)
 
 
 def _default_threshold(data: np.ndarray) -> float:
@@ -242,15 +242,3 @@ def _default_threshold(data: np.ndarray) -> float:
     return median if median < positive.max() else 0.5 * float(positive.max())
 
 
-def _figure(axes: Any, size: tuple[float, float]):
-    if axes is None:
-        fig, ax = plt.subplots(figsize=size, layout="constrained")
-        return fig, ax
-    return axes.figure, axes
-
-
-def _finish(fig: Figure, output_file: str | os.PathLike | None) -> Figure:
-    if output_file is not None:
-        with atomic_path(output_file) as tmp:
-            fig.savefig(tmp, dpi=150, format=str(output_file).rsplit(".", 1)[-1])
-    return fig

@@ -21,6 +21,7 @@ from plotly.subplots import make_subplots
 
 from .._io import atomic_path
 from .._validation import BrainAgeInputError
+from ._figures import new_figure, save_figure
 
 #: Marker colours of the groups of a synthetic cohort (others get matplotlib's cycle).
 GROUP_COLOURS = {"control": "#1f77b4", "accelerated": "#d62728"}
@@ -54,7 +55,7 @@ def plot_age_prediction(
     matplotlib.figure.Figure
     """
     part = _select(table, split, ["age", "predicted_age"])
-    fig, ax = _figure(axes, (5.0, 4.5))
+    fig, ax = new_figure(axes, (5.0, 4.5))
     for name, sub in _groups(part):
         ax.scatter(sub["age"], sub["predicted_age"], s=14, alpha=0.75, label=name,
                    color=GROUP_COLOURS.get(name))
@@ -64,7 +65,7 @@ def plot_age_prediction(
            ylabel="predicted age (years)", aspect="equal")
     ax.legend(frameon=False, fontsize="small")
     ax.set_title(title or _default_title(part, split))
-    return _finish(fig, output_file)
+    return save_figure(fig, output_file)
 
 
 def plot_gap_vs_age(
@@ -109,7 +110,7 @@ def plot_gap_vs_age(
     axes[0].set_ylabel("brain-age gap (years)")
     if title:
         fig.suptitle(title)
-    return _finish(fig, output_file)
+    return save_figure(fig, output_file)
 
 
 def plot_training_history(
@@ -143,7 +144,7 @@ def plot_training_history(
     ax2.plot(h["epoch"] + 1, h["val_mae"], marker="s", ms=3, color="C1")
     ax2.set_ylabel("validation MAE (years)", color="C1")
     ax.set_title(title or "training history")
-    return _finish(fig, output_file)
+    return save_figure(fig, output_file)
 
 
 def plot_age_prediction_interactive(
@@ -285,20 +286,6 @@ def _default_title(part: pd.DataFrame, split: str | Sequence[str]) -> str:
     mae = float(np.mean(np.abs(part["predicted_age"] - part["age"])))
     name = split if isinstance(split, str) else "+".join(split)
     return f"{name}: MAE {mae:.2f} years (n={len(part)})"
-
-
-def _figure(axes: Any, size: tuple[float, float]):
-    if axes is None:
-        fig, ax = plt.subplots(figsize=size, layout="constrained")
-        return fig, ax
-    return axes.figure, axes
-
-
-def _finish(fig: Figure, output_file: str | os.PathLike | None) -> Figure:
-    if output_file is not None:
-        with atomic_path(output_file) as tmp:
-            fig.savefig(tmp, dpi=150, format=str(output_file).rsplit(".", 1)[-1])
-    return fig
 
 
 def _finish_plotly(fig: go.Figure, output_file: str | os.PathLike | None) -> go.Figure:
