@@ -1,4 +1,4 @@
-"""Atomic file output: nothing already written is ever left half-overwritten.
+"""File I/O shared by the package: atomic output, and reading YAML settings files.
 
 Every writer goes through :func:`atomic_path`: the content is written to a temporary file
 in the destination folder and moved into place with :func:`os.replace`, which is atomic on
@@ -17,6 +17,9 @@ from typing import Any
 
 import nibabel as nib
 import pandas as pd
+import yaml
+
+from ._validation import BrainAgeInputError
 
 
 @contextlib.contextmanager
@@ -66,6 +69,37 @@ def save_nifti(img: nib.spatialimages.SpatialImage, path: str | os.PathLike) -> 
     with atomic_path(path) as tmp:
         nib.save(img, tmp)
     return Path(path)
+
+
+def read_yaml_mapping(path: str | os.PathLike, *, what: str) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping (an empty file is an empty mapping).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file.
+    what : str
+        What the mapping holds, for the error message (e.g. "config sections").
+
+    Raises
+    ------
+    BrainAgeInputError
+        The file is missing, is not valid YAML, or holds something else than a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BrainAgeInputError("config file does not exist", path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise BrainAgeInputError(f"not valid YAML: {err}", path) from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise BrainAgeInputError(
+            f"must hold a mapping of {what}; a {type(data).__name__} was found", path
+        )
+    return data
 
 
 def _json_default(obj: Any) -> Any:

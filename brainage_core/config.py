@@ -34,11 +34,11 @@ import re
 import warnings
 from collections.abc import Iterable, Mapping
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ._io import read_yaml_mapping
 from ._validation import BrainAgeInputError, check_choice
 
 #: Presets shipped in ``brainage_core/presets/<name>.yaml``.
@@ -127,19 +127,7 @@ def load_config(
 
 
 def _read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise BrainAgeInputError("config file does not exist", path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise BrainAgeInputError(f"not valid YAML: {err}", path) from err
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise BrainAgeInputError(
-            f"must hold a mapping of config sections; a {type(data).__name__} was found", path
-        )
+    data = read_yaml_mapping(path, what="config sections")
     unknown = sorted(set(data) - set(TOP_LEVEL_KEYS))
     if unknown:
         raise BrainAgeInputError(

@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .._validation import BrainAgeInputError, check_positive
+from .._io import read_yaml_mapping
+from .._validation import check_positive
 from ..template import SUPPORTED_RESOLUTIONS
 
 DESCRIPTION = """\
@@ -85,15 +84,7 @@ def synth_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Merge the YAML file (if any) and the command-line options into SynthConfig fields."""
     settings: dict[str, Any] = {}
     if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise BrainAgeInputError("config file does not exist", path)
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise BrainAgeInputError(f"not valid YAML: {err}", path) from err
-        if not isinstance(loaded, dict):
-            raise BrainAgeInputError("must hold a mapping of generator settings", path)
+        loaded = read_yaml_mapping(args.config, what="generator settings")
         if isinstance(loaded.get("data"), dict):  # a whole study config
             loaded = loaded["data"].get("synthetic") or {}
         settings.update(loaded)
