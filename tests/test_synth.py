@@ -3,6 +3,7 @@
 # ruff: noqa: F811  (pytest fixtures imported from _fixtures_synth)
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -20,8 +21,8 @@ from brainage_core.atlas import load_atlas
 from brainage_core.synth import (
     AgeEffect,
     AgeingModel,
+    SubjectRenderer,
     SynthConfig,
-    _Renderer,
     _Subject,
     default_effects,
     draw_participants,
@@ -145,6 +146,55 @@ def test_demographics_follow_the_model() -> None:
     pd.testing.assert_frame_equal(small, table.iloc[:5])
 
 
+def test_regions_age_around_the_biological_age() -> None:
+    config = SynthConfig(n_subjects=3000, resolution=8, seed=4, regional_sd=4.0)
+    table = draw_participants(config)
+    columns = [f"regional_age_{k + 1}" for k in range(len(config.effects))]
+    offsets = table[columns].to_numpy() - table[["biological_age"]].to_numpy()
+    assert np.abs(offsets.mean(axis=0)).max() < 0.3
+    np.testing.assert_allclose(offsets.std(axis=0), 4.0, rtol=0.06)
+    assert np.abs(np.corrcoef(offsets.T) - np.eye(len(columns))).max() < 0.06  # independent
+    # The offsets have their own seed stream: the demographics do not move.
+    lockstep = draw_participants(SynthConfig(**{**config.__dict__, "regional_sd": 0.0}))
+    pd.testing.assert_frame_equal(lockstep.drop(columns=columns), table.drop(columns=columns))
+    np.testing.assert_allclose(
+        lockstep[columns], lockstep[["biological_age"]].to_numpy().repeat(3, 1)
+    )
+
+
+def test_regional_ages_are_ground_truth_not_public(tiny_cohort: Path) -> None:
+    regional = pd.read_csv(
+        tiny_cohort / "derivatives" / "ground_truth" / "regional_ages.tsv", sep="\t"
+    )
+    assert list(regional.columns) == [
+        "participant_id",
+        "regional_age_1",
+        "regional_age_2",
+        "regional_age_3",
+    ]
+    truth = load_ground_truth(tiny_cohort)
+    pd.testing.assert_frame_equal(truth.regional_ages, regional)
+
+
+def test_each_regional_age_drives_only_its_own_effect() -> None:
+    config = SynthConfig(resolution=8, nuisance_scale=0.0)
+    model = AgeingModel(config)
+    base = model.render([60.0, 60.0, 60.0])
+    np.testing.assert_array_equal(base, model.render(60.0))  # one age = every region at it
+    for k, effect in enumerate(config.effects):
+        ages = [60.0, 60.0, 60.0]
+        ages[k] = 75.0
+        changed = np.abs(model.render(ages) - base) > 1e-3
+        alone = AgeingModel(dataclasses.replace(config, effects=[effect]))
+        # Its own reach (one voxel of slack: the expansion also moves the other effects'
+        # already-aged tissue, which the effect alone does not have).
+        own = ndimage.binary_dilation(alone.change(60.0, 75.0) > 1e-3)
+        assert changed.any(), effect.kind
+        assert (changed & ~own).sum() == 0, effect.kind
+    with pytest.raises(BrainAgeInputError, match="2 regional ages .* 3 effects"):
+        model.render([60.0, 60.0])
+
+
 # --------------------------------------------------------------------------- images
 
 
@@ -200,6 +250,7 @@ def clean_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "seed": 2,
         "nuisance_scale": 0.0,
         "sigma_gap": 0.0,
+        "regional_sd": 0.0,
         "accelerated_fraction": 0.0,
     }
     return generate_cohort(config, tmp_path_factory.mktemp("clean") / "c", n_jobs=1, progress=False)
@@ -238,7 +289,7 @@ def test_ventricles_grow_and_tissue_darkens_with_biological_age() -> None:
         csf_volume.append(csf_like[near_ventricles].sum())
         hippocampus_mean.append(img[hippocampus].mean())
     assert np.all(np.diff(csf_volume) > 0)
-    assert csf_volume[-1] > 1.3 * csf_volume[0]
+    assert csf_volume[-1] > 1.2 * csf_volume[0]  # 2.5 mm default expansion: about +29 %
     assert np.all(np.diff(hippocampus_mean) < 0)
 
 
@@ -257,7 +308,7 @@ def test_ventricle_effect_survives_nuisance() -> None:
             }
         ],
     }
-    renderer = _Renderer(AgeingModel(SynthConfig.from_dict(config)))
+    renderer = SubjectRenderer(AgeingModel(SynthConfig.from_dict(config)))
     central = ndimage.binary_dilation(load_atlas(4).region_mask("Lateral Ventricle"), iterations=2)
     ages = np.linspace(45.0, 85.0, 9)
     volumes = []
@@ -331,21 +382,28 @@ def test_occipital_thinning_stays_in_the_occipital_lobe(tmp_path: Path) -> None:
 
 
 def test_oracle_vanishes_without_gap() -> None:
-    config = SynthConfig(resolution=8, sigma_gap=0.01, accelerated_fraction=0.0)
+    config = SynthConfig(resolution=8, sigma_gap=0.01, regional_sd=0.0, accelerated_fraction=0.0)
     assert oracle_mae(config, n_samples=20_000) < 0.02
-    exact = SynthConfig(resolution=8, sigma_gap=0.0, accelerated_fraction=0.0)
+    exact = SynthConfig(resolution=8, sigma_gap=0.0, regional_sd=0.0, accelerated_fraction=0.0)
     assert oracle_mae(exact, n_samples=20_000) == pytest.approx(0.0, abs=1e-9)
+    # Regional heterogeneity alone leaves an irreducible error.
+    regional = SynthConfig(resolution=8, sigma_gap=0.0, regional_sd=3.0, accelerated_fraction=0.0)
+    assert oracle_mae(regional, n_samples=20_000) > 0.5
 
 
 def test_oracle_equals_half_normal_mean_for_a_wide_age_range() -> None:
-    config = SynthConfig(
-        resolution=8, age_min=1.0, age_max=2001.0, sigma_gap=3.0, accelerated_fraction=0.0
-    )
+    wide = {"resolution": 8, "age_min": 1.0, "age_max": 2001.0, "accelerated_fraction": 0.0}
+    config = SynthConfig(**wide, sigma_gap=3.0, regional_sd=0.0)
     assert oracle_mae(config) == pytest.approx(3.0 * np.sqrt(2 / np.pi), rel=0.01)
+    # K effects with regional offsets of sd s: the mean regional age is the sufficient
+    # statistic, and its error has sd sqrt(sigma_gap**2 + s**2 / K).
+    regional = SynthConfig(**wide, sigma_gap=3.0, regional_sd=4.0)
+    k = len(regional.effects)
+    expected = np.sqrt(3.0**2 + 4.0**2 / k) * np.sqrt(2 / np.pi)
+    assert oracle_mae(regional) == pytest.approx(expected, rel=0.01)
     # A bounded age range lets the predictor shrink toward it: the oracle is smaller.
-    assert oracle_mae(SynthConfig(resolution=8, accelerated_fraction=0.0)) < 3.0 * np.sqrt(
-        2 / np.pi
-    )
+    bounded = SynthConfig(resolution=8, accelerated_fraction=0.0, regional_sd=0.0)
+    assert oracle_mae(bounded) < 3.0 * np.sqrt(2 / np.pi)
 
 
 def test_posterior_mean_matches_numerical_integration() -> None:
