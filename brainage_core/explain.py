@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ NOISE_PER_SUBJECT = "noise_per_subject"
 
 NOISE_CHECKPOINT = "noise_model.pt"
 CALIBRATION_TABLE = "lambda_calibration.csv"
+RELIANCE_TABLE = "effect_reliance.csv"
 SUBJECT_MAPS_TABLE = "subject_maps.csv"
 REGIONS_TABLE = "regions.csv"
 
@@ -70,10 +71,14 @@ class GroundTruth:
         Voxels that carry planted age signal.
     regions : list of str
         Atlas patterns of the planted regions.
+    effect_masks : dict of str to numpy.ndarray
+        The voxels of each kind of effect (for example ``"cortical_thinning"``), so that
+        a map can be scored per effect; empty when unknown.
     """
 
     mask: np.ndarray
     regions: list[str]
+    effect_masks: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 # -- the study a map step works on ------------------------------------------------------------
@@ -411,8 +416,17 @@ def load_truth(study: MapsStudy) -> GroundTruth | None:
     from .synth import load_ground_truth
 
     truth = load_ground_truth(root)
-    mask = truth_on_grid(truth.mask_img, study.cohort.affine, study.cohort.mask.shape)
-    return GroundTruth(mask=mask & study.cohort.mask, regions=planted_patterns(truth))
+    grid = (study.cohort.affine, study.cohort.mask.shape)
+    mask = truth_on_grid(truth.mask_img, *grid)
+    effect_masks = {
+        kind: truth_on_grid(img, *grid) & study.cohort.mask
+        for kind, img in truth.effect_mask_imgs.items()
+    }
+    return GroundTruth(
+        mask=mask & study.cohort.mask,
+        regions=planted_patterns(truth),
+        effect_masks=effect_masks,
+    )
 
 
 def planted_patterns(truth: Any) -> list[str]:
@@ -483,6 +497,12 @@ def score_map(
         "relevance_mass": relevance_mass(np.clip(importance, 0, None), truth.mask, brain),
         "relevance_mass_uniform": float(truth.mask[brain].mean()),
     }
+    if truth.effect_masks:
+        # Each effect against the unplanted brain (the other effects' voxels left out).
+        scores["localisation_auroc_by_effect"] = {
+            kind: localisation_auroc(importance, mask, brain & (mask | ~truth.mask))
+            for kind, mask in truth.effect_masks.items()
+        }
     if table is not None:
         ranks = planted_ranks(table, truth.regions)
         scores.update(
@@ -521,6 +541,43 @@ def score_population(study: MapsStudy, result: PopulationResult) -> dict[str, An
     return scores
 
 
+def model_reliance(study: MapsStudy, *, progress: bool = True) -> pd.DataFrame | None:
+    """How much the predictor relies on each planted effect (synthetic cohorts only).
+
+    Re-renders the first ``maps.reliance_subjects`` test subjects with one effect at a
+    time aged by ``maps.reliance_delta`` years (:func:`brainage_core.reliance.effect_reliance`),
+    writes ``tables/effect_reliance.csv`` and records each effect's share under
+    ``reliance`` in ``metrics.json``. Returns None (and writes nothing) for real data or
+    when ``maps.reliance_subjects`` is 0.
+    """
+    s = study.settings
+    root = study.cohort.metadata.get("source_root")
+    if not s.reliance_subjects or load_truth(study) is None or not root:
+        return None
+    from .reliance import effect_reliance
+
+    indices = study.indices("test", s.reliance_subjects)
+    table = effect_reliance(
+        study.predictor,
+        root,
+        study.cohort.template,
+        study.participant_ids(indices),
+        delta=s.reliance_delta,
+        progress=progress,
+    )
+    write_table(study.run.tables / RELIANCE_TABLE, table)
+    study.run.update_metrics(
+        "reliance",
+        {
+            "delta_years": s.reliance_delta,
+            "n_subjects": int(len(indices)),
+            "shift": {r.kind: r.mean_shift for r in table.itertuples()},
+            "share": {r.kind: r.share for r in table.itertuples() if r.kind != "all"},
+        },
+    )
+    return table
+
+
 # -- 06: comparison with the baselines ----------------------------------------------------
 def compare_methods(
     study: MapsStudy,
@@ -532,9 +589,10 @@ def compare_methods(
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, np.ndarray]]:
     """Score the noise maps and the captum baselines on the same test subjects.
 
-    For each method: mean map over the subjects, its localisation AUROC and relevance
-    mass (synthetic data), deletion-curve area, faithfulness (prediction shift with noise
-    placed by the map / at random / by the inverted map) and milliseconds per subject.
+    For each method: mean map over the subjects, its localisation AUROC (overall and per
+    effect, columns ``auroc_<kind>``) and relevance mass (synthetic data), deletion-curve
+    area, faithfulness (prediction shift with noise placed by the map / at random / by the
+    inverted map) and milliseconds per subject.
 
     Returns
     -------
@@ -575,7 +633,9 @@ def compare_methods(
         row: dict[str, Any] = {"method": name, "ms_per_subject": ms, "n_subjects": len(indices)}
         scores = score_map(mean, table, truth, study.cohort.mask)
         scores.pop("planted_ranks", None)
+        by_effect = scores.pop("localisation_auroc_by_effect", {})
         row.update(scores)
+        row.update({f"auroc_{kind}": value for kind, value in by_effect.items()})
         curve = deletion_curve(
             study.predictor, images, maps, study.cohort.mask, steps=s.deletion_steps
         )
@@ -594,7 +654,10 @@ def compare_methods(
         row["top_region"] = table["name"].iloc[0] if len(table) else ""
         rows.append(row)
         if name != NOISE:
-            _merge_metrics(study, name, {k: v for k, v in row.items() if k != "method"})
+            values = {k: v for k, v in row.items() if k != "method" and not k.startswith("auroc_")}
+            if by_effect:
+                values["localisation_auroc_by_effect"] = by_effect
+            _merge_metrics(study, name, values)
     scores_df = pd.DataFrame(rows)
     curves_df = pd.concat(curves, ignore_index=True)[["method", "fraction", "change"]]
     write_table(study.run.tables / "method_comparison.csv", scores_df)

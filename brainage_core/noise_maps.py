@@ -780,6 +780,11 @@ class MapsConfig:
         Points of the deletion curve.
     faithfulness_fraction : float, default=0.5
         Share of brain voxels noised in the faithfulness comparison.
+    reliance_subjects : int, default=16
+        Test subjects re-rendered to measure the predictor's reliance on each planted
+        effect (synthetic cohorts only; see :mod:`brainage_core.reliance`; 0 skips it).
+    reliance_delta : float, default=10.0
+        Years by which each effect is aged in that measurement.
     seed : int or None, default=None
         Seed of the noise model; None takes the study's top-level ``seed``.
     """
@@ -813,13 +818,15 @@ class MapsConfig:
     compare_subjects: int = 8
     deletion_steps: int = 10
     faithfulness_fraction: float = 0.5
+    reliance_subjects: int = 16
+    reliance_delta: float = 10.0
     seed: int | None = None
 
     def __post_init__(self) -> None:
         check_choice("maps.target", self.target, TARGETS)
         for name in ("lam", "s_min", "tolerance"):
             check_positive(f"maps.{name}", getattr(self, name), allow_zero=True)
-        for name in ("s_max", "lr", "per_subject_lr", "age_band_width"):
+        for name in ("s_max", "lr", "per_subject_lr", "age_band_width", "reliance_delta"):
             check_positive(f"maps.{name}", getattr(self, name))
         for name in ("max_train_subjects", "max_val_subjects", "num_threads"):
             if getattr(self, name) is not None:
@@ -839,12 +846,13 @@ class MapsConfig:
             "ig_steps",
             "compare_subjects",
             "deletion_steps",
+            "reliance_subjects",
         ):
             check_positive(
                 f"maps.{name}",
                 getattr(self, name),
                 integer=True,
-                allow_zero=name in ("depth", "timing_subjects"),
+                allow_zero=name in ("depth", "timing_subjects", "reliance_subjects"),
             )
         check_fraction("maps.faithfulness_fraction", self.faithfulness_fraction, allow_one=True)
         if self.s_max < self.s_min:
@@ -902,6 +910,7 @@ class MapsConfig:
             "tolerance",
             "age_band_width",
             "faithfulness_fraction",
+            "reliance_delta",
         ):
             if isinstance(d.get(name), int) and not isinstance(d.get(name), bool):
                 d[name] = float(d[name])
