@@ -19,6 +19,8 @@ Each function here is one step of notebooks ``03_explain``, ``04_average`` and
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 import warnings
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
@@ -33,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import population as population_mod
-from ._io import save_nifti, write_table
+from ._io import save_nifti, write_json, write_table
 from ._validation import BrainAgeInputError
 from .attribution import CaptumExplainer
 from .calibration import calibrate_lambda
@@ -57,6 +60,7 @@ NOISE_PER_SUBJECT = "noise_per_subject"
 NOISE_CHECKPOINT = "noise_model.pt"
 CALIBRATION_TABLE = "lambda_calibration.csv"
 RELIANCE_TABLE = "effect_reliance.csv"
+MAPS_SOURCE = ".maps_source.json"
 SUBJECT_MAPS_TABLE = "subject_maps.csv"
 REGIONS_TABLE = "regions.csv"
 
@@ -309,41 +313,127 @@ def write_subject_maps(
     explainer: Any,
     *,
     split: str = "test",
+    shard: tuple[int, int] | None = None,
+    resume: bool = True,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Explain every subject of a split and save the maps as NIfTI in template space.
 
+    The step is resumable and can be sharded. With ``resume``, a subject whose map file
+    already exists and was made by the same noise model (the SHA-256 of
+    ``checkpoints/noise_model.pt``, recorded in ``maps/.maps_source.json``) is not
+    explained again, so an interrupted run picks up where it stopped. With
+    ``shard=(i, n)``, only every ``n``-th subject starting at ``i`` is explained: start
+    ``n`` processes (or ``torchrun`` ranks) with ``i = 0 .. n-1`` once the noise model is
+    trained, then call once more without ``shard`` to collect the index.
+
+    Parameters
+    ----------
+    study : MapsStudy
+        The run.
+    explainer : object with ``attribute(x)``
+        The run's trained noise model (or any captum-like explainer, with
+        ``resume=False``).
+    split : str, default="test"
+        The split to explain.
+    shard : tuple of (int, int) or None, default=None
+        ``(index, count)`` of this worker's share; None explains (or collects) all.
+    resume : bool, default=True
+        Keep the existing maps of the run's noise model; False explains every subject
+        again (needed when ``explainer`` is not the noise model of
+        ``checkpoints/noise_model.pt``).
+    progress : bool, default=True
+        Show a progress bar.
+
     Returns
     -------
     pandas.DataFrame
-        ``participant_id``, ``age``, ``split``, ``path`` (relative to the run folder);
-        also written to ``tables/subject_maps.csv``.
+        ``participant_id``, ``age``, ``split``, ``path`` (relative to the run folder) of
+        the subjects of this call; without ``shard`` also written to
+        ``tables/subject_maps.csv``.
     """
     indices = study.indices(split)
-    rows = []
+    if shard is not None:
+        index, count = _check_shard(shard)
+        indices = indices[index::count]
+    source = _maps_source(study) if resume else None
+    todo = [i for i in indices if not _map_is_current(study, i, source)]
     batch = study.settings.batch_size
     for start in tqdm(
-        range(0, len(indices), batch), desc=f"maps ({split})", disable=None if progress else True
+        range(0, len(todo), batch), desc=f"maps ({split})", disable=None if progress else True
     ):
-        chunk = indices[start : start + batch]
+        chunk = np.asarray(todo[start : start + batch])
         maps = explainer.attribute(study.images(chunk))
-        for pid, age, arr in zip(
-            study.participant_ids(chunk), study.ages(chunk), maps[:, 0].numpy(), strict=True
-        ):
-            path = save_nifti(
+        for pid, arr in zip(study.participant_ids(chunk), maps[:, 0].numpy(), strict=True):
+            save_nifti(
                 study.cohort.to_image(arr.astype(np.float32)), subject_map_path(study.run.maps, pid)
             )
-            rows.append(
-                {
-                    "participant_id": pid,
-                    "age": float(age),
-                    "split": split,
-                    "path": os.path.relpath(path, study.run.root),
-                }
-            )
-    table = pd.DataFrame(rows, columns=["participant_id", "age", "split", "path"])
-    write_table(study.run.tables / SUBJECT_MAPS_TABLE, table)
+    table = pd.DataFrame(
+        {
+            "participant_id": study.participant_ids(indices),
+            "age": [float(a) for a in study.ages(indices)],
+            "split": split,
+            "path": [
+                os.path.relpath(subject_map_path(study.run.maps, pid), study.run.root)
+                for pid in study.participant_ids(indices)
+            ],
+        },
+        columns=["participant_id", "age", "split", "path"],
+    )
+    if shard is None:
+        write_table(study.run.tables / SUBJECT_MAPS_TABLE, table)
     return table
+
+
+def _check_shard(shard: Any) -> tuple[int, int]:
+    ok = (
+        isinstance(shard, (tuple, list))
+        and len(shard) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in shard)
+        and shard[1] >= 1
+        and 0 <= shard[0] < shard[1]
+    )
+    if not ok:
+        raise BrainAgeInputError(
+            f"'shard' must be (index, count) with 0 <= index < count; {shard!r} was provided."
+        )
+    return int(shard[0]), int(shard[1])
+
+
+def _maps_source(study: MapsStudy) -> str | None:
+    """Identity of the noise model the maps come from; records it in ``maps/``.
+
+    Maps made by another noise model (or an unknown one) are never reused.
+    """
+    ckpt = study.noise_checkpoint
+    if not ckpt.is_file():
+        return None
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    record = study.run.maps / MAPS_SOURCE
+    try:
+        previous = json.loads(record.read_text(encoding="utf-8")).get("noise_model_sha256")
+    except (OSError, ValueError, AttributeError):
+        previous = None
+    if previous != digest:
+        # Another noise model: every existing map is stale. Record the new one only
+        # once the stale maps can no longer be mistaken for current ones.
+        for stale in study.run.maps.glob("*_importance.nii.gz"):
+            if not stale.name.startswith("population"):
+                stale.unlink()
+        write_json(record, {"noise_model_sha256": digest})
+    return digest
+
+
+def _map_is_current(study: MapsStudy, index: int, source: str | None) -> bool:
+    if source is None:
+        return False
+    path = subject_map_path(study.run.maps, study.participant_ids([index])[0])
+    if not path.is_file():
+        return False
+    try:
+        return tuple(nib.load(path).shape) == tuple(study.cohort.mask.shape)
+    except Exception:  # a truncated or foreign file: explain the subject again
+        return False
 
 
 def read_subject_maps(study: MapsStudy) -> pd.DataFrame:

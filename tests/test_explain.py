@@ -10,6 +10,7 @@ import torch
 from _fixtures_maps import PLANTED_PATTERN, fit_region_predictor, make_cohort
 
 from brainage_core import explain
+from brainage_core._validation import BrainAgeInputError
 from brainage_core.noise_maps import MapsConfig
 from brainage_core.rundir import RunDir
 
@@ -131,3 +132,59 @@ def test_calibrated_lambda_is_kept_and_reused(tmp_path, cohort):
     with pytest.warns(UserWarning, match="training a new noise model"):
         refit = explain.fit_noise_model(other, progress=False)
     assert refit.explainer.lam == 30.0 and refit.explainer.epochs_trained == 1
+
+
+class CountingExplainer:
+    """Wraps an explainer and records which subjects it was asked to explain."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.n_images = 0
+
+    def attribute(self, x):
+        self.n_images += x.shape[0]
+        return self.inner.attribute(x)
+
+
+def test_map_extraction_shards_and_resumes(tmp_path, cohort):
+    study = make_study(tmp_path, cohort, epochs=2)
+    fit = explain.fit_noise_model(study, progress=False)
+    n_test = len(study.indices("test"))
+    halves = []
+    for index in (0, 1):
+        counting = CountingExplainer(fit.explainer)
+        part = explain.write_subject_maps(study, counting, shard=(index, 2), progress=False)
+        assert counting.n_images == len(part)
+        halves.append(set(part["participant_id"]))
+    assert not halves[0] & halves[1] and len(halves[0] | halves[1]) == n_test
+    assert not (study.run.tables / explain.SUBJECT_MAPS_TABLE).exists()  # shards write no index
+    # Collecting explains nobody again and writes the index of every subject.
+    counting = CountingExplainer(fit.explainer)
+    index = explain.write_subject_maps(study, counting, progress=False)
+    assert counting.n_images == 0 and set(index["participant_id"]) == halves[0] | halves[1]
+    assert len(pd.read_csv(study.run.tables / explain.SUBJECT_MAPS_TABLE)) == n_test
+    # A lost or truncated map is made again, and only that one.
+    first = study.run.root / index["path"].iloc[0]
+    first.write_bytes(b"truncated")
+    counting = CountingExplainer(fit.explainer)
+    explain.write_subject_maps(study, counting, progress=False)
+    assert counting.n_images == 1 and nib.load(first).shape == study.cohort.mask.shape
+    # resume=False explains everyone again.
+    counting = CountingExplainer(fit.explainer)
+    explain.write_subject_maps(study, counting, resume=False, progress=False)
+    assert counting.n_images == n_test
+    with pytest.raises(BrainAgeInputError, match="'shard'"):
+        explain.write_subject_maps(study, fit.explainer, shard=(2, 2), progress=False)
+
+
+def test_maps_of_another_noise_model_are_not_reused(tmp_path, cohort):
+    study = make_study(tmp_path, cohort, epochs=1)
+    fit = explain.fit_noise_model(study, progress=False)
+    explain.write_subject_maps(study, fit.explainer, progress=False)
+    # Another noise model in the same run folder (for example retrained with --force).
+    study.noise_checkpoint.unlink()
+    other = make_study(tmp_path, cohort, epochs=1, lam=30.0)
+    refit = explain.fit_noise_model(other, progress=False)
+    counting = CountingExplainer(refit.explainer)
+    explain.write_subject_maps(other, counting, progress=False)
+    assert counting.n_images == len(other.indices("test"))

@@ -5,8 +5,9 @@ the age effect planted only in other regions, for example the putamen or the occ
 cortex), it trains the predictor, trains the amortised noise model, writes the test
 subjects' maps and prints
 
-- the localisation AUROC of the population map against the planted mask (goal >= 0.90)
-  and its relevance mass (against a uniform map's);
+- the localisation AUROC of the population map against the planted mask (goal >= 0.90),
+  per effect beside the predictor's reliance on that effect (see
+  :mod:`brainage_core.reliance`), and its relevance mass (against a uniform map's);
 - whether the planted regions are the top-ranked regions (and the share of the top k that
   are planted), with the top regions: a method that always highlights the hippocampus
   and the ventricles, whatever the data, fails the re-planted cohort;
@@ -182,6 +183,7 @@ def run_cohort(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     population = explain.population_maps(study)
     scores = explain.score_population(study, population)
     truth = explain.load_truth(study)
+    reliance = explain.model_reliance(study)
     return {
         "n_subjects": len(cohort),
         "grid": list(cohort.images.shape[1:]),
@@ -198,6 +200,12 @@ def run_cohort(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             timing.get(explain.NOISE_PER_SUBJECT, float("nan"))
         ),
         "localisation_auroc": scores.get("localisation_auroc"),
+        "localisation_auroc_by_effect": scores.get("localisation_auroc_by_effect"),
+        "reliance_share": (
+            None
+            if reliance is None
+            else {r.kind: r.share for r in reliance.itertuples() if r.kind != "all"}
+        ),
         "relevance_mass": scores.get("relevance_mass"),
         "relevance_mass_uniform": scores.get("relevance_mass_uniform"),
         "planted_top": scores.get("planted_top"),
@@ -220,6 +228,11 @@ def _print_figures(name: str, f: dict[str, Any]) -> None:
         f"(oracle {f['oracle_mae'] if f['oracle_mae'] is None else round(f['oracle_mae'], 2)})",
         f"localisation AUROC          {auroc:.3f}  (goal >= {goal}: "
         f"{'met' if auroc is not None and auroc >= goal else 'NOT met'})",
+        *(
+            f"  AUROC of {kind:<22}{value:.3f}  (the model's reliance on it: "
+            f"{(f.get('reliance_share') or {}).get(kind, float('nan')):.0%})"
+            for kind, value in (f.get("localisation_auroc_by_effect") or {}).items()
+        ),
         f"relevance mass              {f['relevance_mass']:.3f}  "
         f"(uniform map: {f['relevance_mass_uniform']:.3f})",
         f"planted regions on top      {f['planted_top']}  "
