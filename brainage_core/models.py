@@ -1,7 +1,10 @@
 """The brain-age predictor: a small 3D CNN in the spirit of SFCN (Peng et al. 2021).
 
 The network is a stack of blocks ``conv 3x3x3 -> norm -> ReLU -> max-pool 2``, a global
-average pool and one of two heads:
+average pool and one of two heads. The input is first zero-padded symmetrically to a
+multiple of ``2 ** depth`` (:func:`brainage_core._padding.pad_to_multiple`): otherwise the
+pooling of an odd-sized level drops its last column, on one side of the brain only, and
+the trained network, with the importance maps of it, favours one hemisphere.
 
 ``"regression"``
     A linear layer predicts the standardised age; the model rescales it to years with
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._padding import pad_to_multiple
 from ._validation import BrainAgeInputError, check_choice, check_fraction, check_positive
 
 #: Output heads of :class:`BrainAgeCNN`.
@@ -124,7 +128,7 @@ class BrainAgeCNN(nn.Module):
         self.features = nn.Sequential(*blocks)
         self.dropout = nn.Dropout(dropout)
         if pool == "flatten":
-            final = [s // 2 ** len(channels) for s in input_shape]
+            final = [-(-s // 2 ** len(channels)) for s in input_shape]  # padded, then pooled
             in_ch *= final[0] * final[1] * final[2]
         if head == "regression":
             self.output = nn.Linear(in_ch, 1)
@@ -165,7 +169,8 @@ class BrainAgeCNN(nn.Module):
                 f"'x' must have the grid {self.input_shape} the model was built for; "
                 f"{tuple(x.shape[2:])} was provided."
             )
-        h = self.features(x)
+        h, _ = pad_to_multiple(x, 2 ** len(self.features))
+        h = self.features(h)
         if self.pool == "avg":
             h = F.adaptive_avg_pool3d(h, 1)
         h = torch.flatten(h, 1)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._padding import pad_to_multiple
 from ._validation import check_positive
 
 
@@ -89,15 +90,8 @@ class UNet3D(nn.Module):
         if x.ndim != 5:
             raise ValueError(f"'x' must have shape (N, C, X, Y, Z); {tuple(x.shape)} was provided.")
         shape = x.shape[2:]
-        factor = 2**self.depth
-        # pad symmetrically (odd remainders on the far side), so that a left-right
-        # symmetric image gets a (nearly) symmetric map
-        extra = [(-size) % factor for size in shape]
-        before = [e // 2 for e in extra]
-        pad = []
-        for e, b in zip(reversed(extra), reversed(before), strict=True):
-            pad.extend([b, e - b])
-        h = F.pad(x, pad)
+        # symmetric padding: a left-right symmetric image gets a (nearly) symmetric map
+        h, before = pad_to_multiple(x, 2**self.depth)
         skips = []
         for level, block in enumerate(self.down):
             if level > 0:

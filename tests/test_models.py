@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from brainage_core._validation import BrainAgeInputError
 from brainage_core.models import BrainAgeCNN, soft_labels
@@ -103,3 +104,28 @@ def test_bad_input_shape_is_a_clear_error():
         flat(torch.zeros(1, 1, 12, 14, 14))
     with pytest.raises(BrainAgeInputError, match="'input_shape' must be 3 integers"):
         BrainAgeCNN((12, 14), channels=[4])
+
+
+@pytest.mark.parametrize("shape", [(20, 24, 21), (40, 50, 41)])
+def test_left_and_right_are_treated_alike(shape):
+    """A network with mirror-symmetric kernels gives a mirrored image the same age.
+
+    Without symmetric padding, pooling an odd-sized level drops its last column (one
+    hemisphere only), and this fails.
+    """
+    torch.manual_seed(0)
+    model = BrainAgeCNN(shape, channels=[4, 8, 8, 8], norm="none")
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv3d):
+                module.weight.copy_((module.weight + module.weight.flip(2)) / 2)
+    model.eval()
+    x = torch.zeros(3, 1, *shape)
+    x[:, :, -6:] = torch.rand(3, 1, 6, *shape[1:])  # structure at one side's edge
+    mirrored = x.flip(2)  # axis X: left <-> right
+    torch.testing.assert_close(model(mirrored), model(x), rtol=0.0, atol=1e-6)
+
+    def unpadded(v):  # the same network without the padding: the check can fail
+        return model.output(torch.flatten(F.adaptive_avg_pool3d(model.features(v), 1), 1))
+
+    assert (unpadded(mirrored) - unpadded(x)).abs().max() > 1e-5
