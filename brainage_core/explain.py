@@ -46,6 +46,7 @@ from .rundir import RunDir
 from .scoring import (
     deletion_auc,
     deletion_curve,
+    depth_matched_auroc,
     faithfulness,
     localisation_auroc,
     planted_ranks,
@@ -586,6 +587,7 @@ def score_map(
         "localisation_auroc": localisation_auroc(importance, truth.mask, brain),
         "relevance_mass": relevance_mass(np.clip(importance, 0, None), truth.mask, brain),
         "relevance_mass_uniform": float(truth.mask[brain].mean()),
+        "localisation_auroc_depth_matched": depth_matched_auroc(importance, truth.mask, brain),
     }
     if truth.effect_masks:
         # Each effect against the unplanted brain (the other effects' voxels left out).

@@ -111,3 +111,27 @@ def test_deletion_curve_and_area(data):
     assert deletion_auc(curve) > deletion_auc(worse) > 0
     flat = pd.DataFrame({"fraction": [0.0, 0.5, 1.0], "change": [2.0, 2.0, 2.0]})
     assert deletion_auc(flat) == pytest.approx(2.0)
+
+
+def test_depth_matched_auroc_is_blind_to_a_depth_gradient():
+    from scipy import ndimage
+
+    from brainage_core.scoring import depth_matched_auroc, depth_profile
+
+    brain = np.zeros((24, 24, 24), bool)
+    brain[2:22, 2:22, 2:22] = True
+    depth = ndimage.distance_transform_edt(brain)
+    rng = np.random.default_rng(0)
+    truth = brain & (depth >= 5) & (rng.random(brain.shape) < 0.5)  # deep planted voxels
+    truth |= brain & (depth < 2) & (rng.random(brain.shape) < 0.2)  # and some at the edge
+    depth_only = depth + 0.01 * rng.random(brain.shape)  # "deeper is more important"
+    # The plain AUROC rewards the gradient; the depth-matched one sees chance.
+    assert localisation_auroc(depth_only, truth, brain) > 0.6
+    assert abs(depth_matched_auroc(depth_only, truth, brain) - 0.5) < 0.1
+    assert depth_matched_auroc(truth.astype(float), truth, brain) == pytest.approx(1.0)
+    table = depth_profile(depth_only, truth, brain, max_depth=6)
+    assert list(table["depth"]) == [1, 2, 3, 4, 5, 6]
+    assert table["n_voxels"].sum() == brain.sum()
+    assert table["mean_importance"].is_monotonic_increasing
+    assert table["planted_fraction"].iloc[-1] > 0.4 and table["planted_fraction"].iloc[2] == 0
+    assert np.isnan(table["auroc_within"].iloc[2])  # no planted voxel at depth 3
