@@ -357,7 +357,11 @@ def write_subject_maps(
     if shard is not None:
         index, count = _check_shard(shard)
         indices = indices[index::count]
-    source = _maps_source(study) if resume else None
+    if resume:
+        source = _maps_source(study)
+    else:  # maps of unknown origin: a later resume must not trust them
+        (study.run.maps / MAPS_SOURCE).unlink(missing_ok=True)
+        source = None
     todo = [i for i in indices if not _map_is_current(study, i, source)]
     batch = study.settings.batch_size
     for start in tqdm(

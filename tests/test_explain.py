@@ -173,6 +173,10 @@ def test_map_extraction_shards_and_resumes(tmp_path, cohort):
     counting = CountingExplainer(fit.explainer)
     explain.write_subject_maps(study, counting, resume=False, progress=False)
     assert counting.n_images == n_test
+    # ... and its maps are not trusted by a later resume.
+    counting = CountingExplainer(fit.explainer)
+    explain.write_subject_maps(study, counting, progress=False)
+    assert counting.n_images == n_test
     with pytest.raises(BrainAgeInputError, match="'shard'"):
         explain.write_subject_maps(study, fit.explainer, shard=(2, 2), progress=False)
 
