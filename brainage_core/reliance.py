@@ -14,7 +14,6 @@ shift tells how much it relies on each effect. A model that ignores an effect sh
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from .synth import (
     AgeingModel,
     SubjectRenderer,
     SynthConfig,
+    read_cohort_config,
     regional_age_column,
 )
 from .template import Template
@@ -89,7 +89,7 @@ def effect_reliance(
     """
     check_positive("delta", delta)
     root = Path(dataset_root)
-    config = _read_config(root)
+    config = read_cohort_config(root)
     if not participant_ids:
         raise BrainAgeInputError("'participant_ids' must name at least one subject.")
     rows = _participants(root, config, participant_ids)
@@ -134,17 +134,6 @@ def _row(
         "share": abs(mean) / total if total > 0 and effect != "all" else float("nan"),
         "n_subjects": int(shift.size),
     }
-
-
-def _read_config(root: Path) -> SynthConfig:
-    path = root / "dataset_description.json"
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))["SyntheticCohort"]["config"]
-    except (OSError, KeyError, TypeError, json.JSONDecodeError) as err:
-        raise BrainAgeInputError(
-            f"not a synthetic cohort written by brainage_core.synth ({err})", path
-        ) from err
-    return SynthConfig.from_dict(meta)
 
 
 def _participants(

@@ -999,13 +999,7 @@ def load_ground_truth(dataset_root: str | os.PathLike) -> GroundTruth:
     """
     root = Path(dataset_root)
     gt = root / "derivatives" / "ground_truth"
-    desc = _read_description(root / "dataset_description.json")
-    meta = desc.get("SyntheticCohort")
-    if not isinstance(meta, dict):
-        raise BrainAgeInputError(
-            "not a synthetic cohort (no 'SyntheticCohort' entry).",
-            root / "dataset_description.json",
-        )
+    meta = _synthetic_metadata(root)
     for name in ("age_signal_mask.nii.gz", "age_signal_strength.nii.gz", "effects.tsv"):
         if not (gt / name).is_file():
             raise BrainAgeInputError("ground-truth file is missing.", gt / name)
@@ -1066,6 +1060,33 @@ def _dataset_description(config: SynthConfig, oracle: float) -> dict[str, Any]:
             "age_span_years": AGE_SPAN,
         },
     }
+
+
+def read_cohort_config(dataset_root: str | os.PathLike) -> SynthConfig:
+    """The :class:`SynthConfig` a cohort was generated with (from its description).
+
+    Raises
+    ------
+    BrainAgeInputError
+        Naming ``dataset_description.json`` if it is missing, unreadable, or not that of
+        a synthetic cohort.
+    """
+    root = Path(dataset_root)
+    config = _synthetic_metadata(root).get("config")
+    if not isinstance(config, Mapping):
+        raise BrainAgeInputError(
+            "the 'SyntheticCohort' entry has no 'config'.", root / "dataset_description.json"
+        )
+    return SynthConfig.from_dict(config)
+
+
+def _synthetic_metadata(root: Path) -> dict[str, Any]:
+    """The ``SyntheticCohort`` entry of a cohort's ``dataset_description.json``."""
+    path = root / "dataset_description.json"
+    meta = _read_description(path).get("SyntheticCohort")
+    if not isinstance(meta, dict):
+        raise BrainAgeInputError("not a synthetic cohort (no 'SyntheticCohort' entry).", path)
+    return meta
 
 
 def _read_description(path: Path) -> dict[str, Any]:
