@@ -34,6 +34,7 @@ import yaml
 from ._io import write_text
 from ._validation import BrainAgeInputError
 from .config import dump_config
+from .evaluation import learning_warning
 from .pipeline import failed_steps, load_state, python_kernel
 from .rundir import RunDir
 
@@ -301,8 +302,11 @@ def _results_index(run: RunDir, config: Mapping[str, Any], notebooks: list[Path]
         f"`{config.get('name')}`), executed by papermill when the run was made and published "
         "unchanged. Their figures, tables and maps come from that run; "
         "{doc}`downloads` offers its files.\n",
-        "## Headline figures\n",
     ]
+    warning = learning_warning(metrics.get("prediction") or {})
+    if warning:
+        parts.append(f"```{{warning}}\n**This run's predictor did not learn.** {warning}\n```\n")
+    parts.append("## Headline figures\n")
     if not metrics:
         parts.append("The run wrote no `metrics.json`.\n")
     for section, values in metrics.items():

@@ -140,6 +140,7 @@ class MapsStudy:
         section = dict(config.get("maps") or {})
         section.update({k: v for k, v in (overrides or {}).items() if v is not None})
         settings = MapsConfig.from_dict(section, seed=config.get("seed", 0))
+        check_predictor_learned(run, settings)  # before the (slow) cohort load
         if settings.num_threads is not None:
             torch.set_num_threads(settings.num_threads)
         cohort = load_cohort(config["data"], progress=progress)
@@ -194,6 +195,42 @@ class MapsStudy:
         from .atlas import load_atlas
 
         return load_atlas(self.cohort.resolution)
+
+
+def check_predictor_learned(run: RunDir, settings: MapsConfig) -> None:
+    """Refuse a predictor that did not learn, unless the settings allow it.
+
+    Parameters
+    ----------
+    run : RunDir
+        The run folder; its ``metrics.json`` ``prediction.learned`` is read (a run written
+        before that key existed passes).
+    settings : MapsConfig
+        The ``maps`` section (``allow_untrained_predictor``).
+
+    Raises
+    ------
+    BrainAgeInputError
+        Naming ``metrics.json``, if ``prediction.learned`` is false and
+        ``maps.allow_untrained_predictor`` is not true.
+    """
+    prediction = run.read_metrics().get("prediction") or {}
+    if prediction.get("learned") is not False:
+        return
+    if settings.allow_untrained_predictor:
+        warnings.warn(
+            "the predictor did not learn (metrics.json prediction.learned: false); its maps "
+            "are made only because maps.allow_untrained_predictor is true.",
+            stacklevel=2,
+        )
+        return
+    raise BrainAgeInputError(
+        f"the predictor did not learn (validation MAE {prediction.get('val_mae')} y, not below "
+        f"0.8 x {prediction.get('mean_predictor_val_mae')} y of predicting the mean age), so "
+        "its maps would explain nothing; retrain it, or set "
+        "-p maps.allow_untrained_predictor true to make them anyway.",
+        run.metrics_path,
+    )
 
 
 # -- 03: fit the noise model ---------------------------------------------------------------

@@ -787,6 +787,10 @@ class MapsConfig:
         Years by which each effect is aged in that measurement.
     seed : int or None, default=None
         Seed of the noise model; None takes the study's top-level ``seed``.
+    allow_untrained_predictor : bool, default=False
+        Run the map steps even though ``metrics.json`` records that the predictor did not
+        learn (``prediction.learned: false``). Off by default: maps of a model that knows
+        nothing about age explain nothing.
     """
 
     target: str = "prediction"
@@ -821,6 +825,7 @@ class MapsConfig:
     reliance_subjects: int = 16
     reliance_delta: float = 10.0
     seed: int | None = None
+    allow_untrained_predictor: bool = False
 
     def __post_init__(self) -> None:
         check_choice("maps.target", self.target, TARGETS)
@@ -860,10 +865,11 @@ class MapsConfig:
                 f"'maps.s_max' must be at least 'maps.s_min' ({self.s_min}); "
                 f"{self.s_max!r} was provided."
             )
-        if not isinstance(self.calibrate, bool):
-            raise BrainAgeInputError(
-                f"'maps.calibrate' must be true or false; {self.calibrate!r} was provided."
-            )
+        for name in ("calibrate", "allow_untrained_predictor"):
+            if not isinstance(getattr(self, name), bool):
+                raise BrainAgeInputError(
+                    f"'maps.{name}' must be true or false; {getattr(self, name)!r} was provided."
+                )
         if not isinstance(self.lambdas, (list, tuple)) or not self.lambdas:
             raise BrainAgeInputError(
                 f"'maps.lambdas' must be a non-empty list; {self.lambdas!r} was provided."

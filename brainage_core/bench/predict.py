@@ -215,7 +215,7 @@ def _steps_per_second(data: CohortDataset, cfg: TrainConfig, threads: int,
 def _print_figures(f: dict[str, Any]) -> None:
     def line(name: str, value: Any, goal: str = "") -> None:
         text = f"{value:.3f}" if isinstance(value, float) else str(value)
-        print(f"  {name:<34} {text:>10}  {goal}")
+        print(f"  {name:<44} {text:>10}  {goal}")
 
     def verdict(key: str, value: float | None) -> str:
         if value is None:
@@ -226,7 +226,9 @@ def _print_figures(f: dict[str, Any]) -> None:
     print(f"predictor benchmark: {f['n_subjects']} subjects, grid {f['grid']} "
           f"({f['resolution_mm']} mm), {f['torch_threads']} torch threads")
     line("test MAE (years)", f["test_mae"])
-    line("test MAE bias-corrected (years)", f["test_mae_corrected"])
+    line("learned (val MAE < 0.8 x mean predictor)", f.get("learned"))
+    line("mean |bias-corrected gap| (not an accuracy)", f["test_corrected_gap_mean_abs"])
+    line("bias slope (near -1: constant predictor)", f.get("bias_slope"))
     line("oracle MAE (years)", f.get("oracle_mae"))
     line("baseline (ridge) MAE (years)", f["baseline_mae"])
     line("ratio test / oracle", f.get("ratio_test_oracle"),
