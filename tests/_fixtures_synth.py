@@ -14,6 +14,7 @@ from brainage_core.synth import SynthConfig, generate_cohort
 
 #: A tiny cohort: 8 mm grid, 6 subjects, default ageing and nuisance.
 TINY_CONFIG = {"n_subjects": 6, "resolution": 8, "seed": 3}
+# (rendered at the default 2 mm: the generator's default path is what the tests exercise)
 
 #: Ageing planted in the putamen only (atrophy), no nuisance: the truth is known exactly.
 PUTAMEN_CONFIG = {
