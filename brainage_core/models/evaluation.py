@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from brainage_core._utils.validation import BrainAgeInputError
 from brainage_core.data.datasets import CohortDataset
+from brainage_core.data.protocol import Cohort
 
 #: A predictor "learned" if its validation MAE is below this fraction of the MAE of
 #: predicting the training mean age.
@@ -202,7 +203,7 @@ def gap_auc(gap: Any, group: Any, positive: str = "accelerated") -> float:
     return float(roc_auc_score(labels, gap))
 
 
-def prediction_table(cohort: Any, predicted_age: Any) -> tuple[pd.DataFrame, BiasCorrection]:
+def prediction_table(cohort: Cohort, predicted_age: Any) -> tuple[pd.DataFrame, BiasCorrection]:
     """Predictions of every subject with raw and bias-corrected gaps.
 
     Parameters
