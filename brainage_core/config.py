@@ -49,7 +49,7 @@ TOP_LEVEL_KEYS = ("name", "seed", "data", "prediction", "maps")
 
 #: Keys of the ``data`` section (its ``synthetic`` sub-section belongs to the generator).
 DATA_KEYS = ("source", "path", "resolution", "cache_dir", "on_error", "split_fractions",
-             "synthetic")
+             "bids", "synthetic")
 DATA_SOURCES = ("synthetic", "bids", "csv", "oasis")
 ON_ERROR = ("raise", "skip")
 
@@ -60,6 +60,7 @@ ON_ERROR = ("raise", "skip")
 SECTION_VALIDATORS: dict[str, tuple[tuple[str, str], ...]] = {
     "data": (("brainage_core.study", "resolve_data_config"),),
     "data.synthetic": (("brainage_core.synth", "SynthConfig"),),
+    "data.bids": (("brainage_core.bids_source", "BidsSelection"),),
     "prediction": (("brainage_core.training", "TrainConfig"),),
     "maps": (
         ("brainage_core.noise_maps", "MapsConfig"),

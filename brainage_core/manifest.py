@@ -48,32 +48,50 @@ _SEX_CODES = {
     "female": "F",
     "woman": "F",
 }
-_T1W_PATTERNS = ("*_T1w.nii.gz", "*_T1w.nii")
 _NA_VALUES = ["n/a", "N/A", "NA", "nan", "NaN", ""]
 
 
 # -- sources ------------------------------------------------------------------------------
-def load_bids(root: str | os.PathLike) -> pd.DataFrame:
-    """Build the manifest of a BIDS folder.
+def load_bids(
+    root: str | os.PathLike,
+    *,
+    session: str = "first",
+    run: str = "first",
+    database_dir: str | os.PathLike | None = None,
+    validate: bool = False,
+) -> pd.DataFrame:
+    """Build the manifest of a BIDS folder, indexed with pybids.
 
     Parameters
     ----------
     root : str or os.PathLike
         Dataset folder holding ``participants.tsv`` and ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]``.
+    session, run : str, default="first"
+        Which sessions and runs enter the study: ``"first"``, ``"last"``, ``"all"`` or a
+        label (see :mod:`brainage_core.bids_source`).
+    database_dir : str or os.PathLike or None, default=None
+        Folder where the pybids index is kept and reused while the dataset is unchanged.
+    validate : bool, default=False
+        Run the BIDS validator (when installed) and put its summary in
+        ``manifest.attrs["metadata"]["bids_validation"]``.
 
     Returns
     -------
     pandas.DataFrame
-        The manifest (see module docstring), one row per participant listed in
-        ``participants.tsv`` or holding an image. When a participant has several T1w
-        images (sessions, runs), the first in sorted order is used and its ``session``
-        recorded. A participant without an image gets an empty ``path`` and one without
-        a row in ``participants.tsv`` a missing ``age``: :func:`validate_manifest`
-        reports both. ``manifest.attrs["metadata"]`` holds the source description
-        (``source``, ``source_root``, and ``oracle_mae`` for a synthetic cohort). Without
-        a ``site`` column, the site is the dataset's ``Name`` (dataset_description.json)
-        or else the folder's name.
+        The manifest (see module docstring), one row per chosen image and one per
+        participant of ``participants.tsv`` without any image (empty ``path``). Rows
+        carry ``session`` and ``run`` when the dataset has them and ``age_source``
+        ("sessions.tsv" or "participants.tsv"). An image of a subject missing from
+        ``participants.tsv`` gets a missing ``age``: :func:`validate_manifest` reports
+        both. ``manifest.attrs["metadata"]`` holds the source description (``source``,
+        ``source_root``, ``bids_selection``, and ``oracle_mae`` for a synthetic cohort).
+        Without a ``site`` column, the site is the dataset's ``Name``
+        (dataset_description.json) or else the folder's name.
     """
+    from .bids_source import check_selection, index_t1w, read_sessions_ages, select_images
+
+    session = check_selection("data.bids.session", session)
+    run = check_selection("data.bids.run", run)
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise BrainAgeInputError("BIDS folder does not exist", root)
@@ -92,31 +110,39 @@ def load_bids(root: str | os.PathLike) -> pd.DataFrame:
             f"missing required column 'age'; columns are {list(participants.columns)}", tsv
         )
     participants["participant_id"] = participants["participant_id"].map(_bids_label)
+    participants = participants.drop(columns=["session", "run", "path"], errors="ignore")
 
-    images: dict[str, tuple[str, str | None]] = {}
-    for path in _find_t1w(root):
-        rel = path.relative_to(root).parts
-        label = rel[0]
-        session = rel[1] if len(rel) > 1 and rel[1].startswith("ses-") else None
-        images.setdefault(label, (str(path), session))
-
-    listed = set(participants["participant_id"])
-    unlisted = sorted(set(images) - listed)
-    if unlisted:
-        participants = pd.concat(
-            [participants, pd.DataFrame({"participant_id": unlisted})], ignore_index=True
-        )
-    participants["path"] = participants["participant_id"].map(
-        lambda p: images.get(p, ("", None))[0]
+    images = select_images(index_t1w(root, database_dir=database_dir), session=session, run=run)
+    listed = set(participants["participant_id"].dropna())
+    without_image = sorted(listed - set(images["participant_id"]))
+    rows = pd.concat(
+        [images, pd.DataFrame({"participant_id": without_image, "path": ""})], ignore_index=True
     )
-    if any(s is not None for _, s in images.values()):
-        participants["session"] = participants["participant_id"].map(
-            lambda p: images.get(p, ("", None))[1]
-        )
+    table = rows.merge(participants, on="participant_id", how="left", sort=False)
+    table["path"] = table["path"].fillna("")
+    # per-session ages (longitudinal datasets) override the participant's age
+    table["age_source"] = "participants.tsv"
+    for pid in table.loc[table["session"].notna(), "participant_id"].unique():
+        ages = read_sessions_ages(root, str(pid))
+        if not ages:
+            continue
+        rows_of = (table["participant_id"] == pid) & table["session"].isin(list(ages))
+        table.loc[rows_of, "age"] = table.loc[rows_of, "session"].map(ages)
+        table.loc[rows_of, "age_source"] = "sessions.tsv"
+    table.loc[table["path"] == "", "age_source"] = None
+    if table["session"].isna().all():
+        table = table.drop(columns="session")
+    if table["run"].isna().all():
+        table = table.drop(columns="run")
     metadata = bids_metadata(root)
-    if "site" not in participants.columns:  # one site: the dataset's name
-        participants["site"] = metadata.get("dataset_name") or root.name
-    manifest = _to_manifest(participants)
+    metadata["bids_selection"] = {"session": session, "run": run}
+    if validate:
+        from .bids_source import validate_bids
+
+        metadata["bids_validation"] = validate_bids(root)
+    if "site" not in table.columns:  # one site: the dataset's name
+        table["site"] = metadata.get("dataset_name") or root.name
+    manifest = _to_manifest(table)
     manifest.attrs["metadata"] = metadata
     return manifest
 
@@ -284,8 +310,8 @@ def find_manifest_problems(manifest: pd.DataFrame) -> pd.DataFrame:
     """List the rows of a manifest that cannot be used, with the reason.
 
     Checks, per row: a missing participant id, a missing or non-numeric age, a
-    duplicate participant (the later rows), a missing path and a path that does not
-    exist.
+    duplicate participant (the later rows; with ``session``/``run`` columns, a duplicate
+    subject, session and run), a missing path and a path that does not exist.
 
     Returns
     -------
@@ -296,14 +322,16 @@ def find_manifest_problems(manifest: pd.DataFrame) -> pd.DataFrame:
     _check_columns(manifest, "manifest")
     problems = []
     seen: set[str] = set()
+    labels = image_labels(manifest)
     for row, rec in enumerate(manifest.itertuples(index=False)):
         pid = rec.participant_id
         path = rec.path
         reason = None
         if pd.isna(pid) or str(pid).strip() == "":
             reason = "missing participant_id"
-        elif str(pid) in seen:
-            reason = f"duplicate participant {pid!r}"
+        elif labels[row] in seen:
+            reason = (f"duplicate participant {pid!r}" if labels[row] == str(pid)
+                      else f"duplicate image {labels[row]!r}")
         else:
             age = pd.to_numeric(pd.Series([rec.age]), errors="coerce").iloc[0]
             if pd.isna(rec.age):
@@ -317,7 +345,7 @@ def find_manifest_problems(manifest: pd.DataFrame) -> pd.DataFrame:
             elif not Path(str(path)).is_file():
                 reason = "image file does not exist"
         if not (pd.isna(pid) or str(pid).strip() == ""):
-            seen.add(str(pid))
+            seen.add(labels[row])
         if reason is not None:
             problems.append(
                 {
@@ -384,6 +412,26 @@ def validate_manifest(
     return clean
 
 
+def image_labels(table: pd.DataFrame) -> list[str]:
+    """The key of each row: ``sub-<label>[_ses-<label>][_run-<index>]``.
+
+    The participant id alone when the table has no ``session`` and ``run`` columns (or
+    they are empty), so that cross-sectional cohorts keep their participant ids as keys.
+    Used for per-image file names (maps) and the uniqueness check.
+    """
+    ids = ["" if pd.isna(p) else str(p) for p in table["participant_id"]]
+    for column in ("session", "run"):
+        if column not in table.columns:
+            continue
+        prefix = "ses-" if column == "session" else "run-"
+        ids = [
+            key if pd.isna(v) or str(v) == "" else
+            f"{key}_{v if str(v).startswith(prefix) else prefix + str(v)}"
+            for key, v in zip(ids, table[column], strict=True)
+        ]
+    return ids
+
+
 def normalise_sex(value: Any) -> str | None:
     """Map a sex code to ``"M"``/``"F"`` (None when missing or not recognised)."""
     if value is None or (not isinstance(value, str) and pd.isna(value)):
@@ -425,7 +473,7 @@ def _read_table(path: Path, sep: str) -> pd.DataFrame:
 
 
 def _lower_known_columns(columns: pd.Index) -> dict[str, str]:
-    known = {c: c for c in (*MANIFEST_COLUMNS, "session")}
+    known = {c: c for c in (*MANIFEST_COLUMNS, "session", "run")}
     return {c: known[c.lower()] for c in columns if isinstance(c, str) and c.lower() in known}
 
 
@@ -434,14 +482,6 @@ def _bids_label(value: Any) -> Any:
         return value
     value = str(value).strip()
     return value if value.startswith("sub-") else f"sub-{value}"
-
-
-def _find_t1w(root: Path) -> list[Path]:
-    found: list[Path] = []
-    for anat in ("sub-*/anat", "sub-*/ses-*/anat"):
-        for pattern in _T1W_PATTERNS:
-            found.extend(root.glob(f"{anat}/{pattern}"))
-    return sorted(set(found))
 
 
 def _resolve(base: Path, path: str) -> Path:

@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 
 from ._validation import BrainAgeInputError, check_choice, check_positive
+from .bids_source import BidsSelection
 from .cache import PreparedCohort, file_lock, prepare_cohort
 from .manifest import ON_ERROR_CHOICES, fetch_oasis, load_bids, load_csv
 from .splits import check_split_fractions
@@ -36,8 +37,12 @@ DATA_DEFAULTS: dict[str, Any] = {
     "cache_dir": ".cache/brainage",
     "on_error": "raise",
     "split_fractions": [0.7, 0.15, 0.15],
+    "bids": {},
     "synthetic": {},
 }
+
+#: Folder of the reusable pybids index databases, under ``data.cache_dir``.
+BIDS_INDEX_DIR = "bids_index"
 
 #: Data sources.
 DATA_SOURCES = ("synthetic", "bids", "csv", "oasis")
@@ -90,6 +95,9 @@ def resolve_data_config(data_config: Mapping[str, Any]) -> dict[str, Any]:
             f"'data.path' is required with data.source={cfg['source']!r}: give the BIDS "
             "root or the CSV manifest."
         )
+    if not isinstance(cfg["bids"], Mapping):
+        raise BrainAgeInputError(f"'data.bids' must be a mapping; {cfg['bids']!r} was provided.")
+    cfg["bids"] = BidsSelection.from_dict(cfg["bids"]).to_dict()
     if not isinstance(cfg["synthetic"], Mapping):
         raise BrainAgeInputError(
             f"'data.synthetic' must be a mapping; {cfg['synthetic']!r} was provided."
@@ -107,6 +115,8 @@ def load_cohort(
     data_config : mapping
         The config's ``data`` section: ``source`` ("synthetic", "bids", "csv" or
         "oasis"), ``path`` (BIDS root, CSV manifest, or nilearn data folder for OASIS),
+        ``bids`` (``session`` and ``run``: which images of a BIDS folder enter, see
+        :class:`brainage_core.bids_source.BidsSelection`),
         ``resolution`` (cache grid, mm), ``cache_dir`` (relative to the current
         directory), ``on_error`` ("raise" or "skip"), ``split_fractions`` and
         ``synthetic`` (:class:`brainage_core.synth.SynthConfig` fields).
@@ -129,9 +139,9 @@ def load_cohort(
         root = ensure_synthetic_cohort(
             cfg["synthetic"], cache_dir / "synthetic", n_jobs=n_jobs, progress=progress
         )
-        manifest = load_bids(root)
+        manifest = load_bids(root, database_dir=cache_dir / BIDS_INDEX_DIR)
     elif source == "bids":
-        manifest = load_bids(cfg["path"])
+        manifest = load_bids(cfg["path"], **cfg["bids"], database_dir=cache_dir / BIDS_INDEX_DIR)
     elif source == "csv":
         manifest = load_csv(cfg["path"])
     else:
