@@ -9,6 +9,7 @@ predictor and everything the map steps write:
 * ``maps/sub-XXXX_importance.nii.gz``: per-subject maps (template space), indexed by
   ``tables/subject_maps.csv``;
 * ``maps/population_importance.nii.gz`` and ``population_age-<lo>-<hi>_importance.nii.gz``;
+* ``maps/method-<name>_mean.nii.gz``: each compared method's mean map (notebook 06);
 * ``tables/regions.csv``, ``tables/method_comparison.csv``, ``tables/deletion_curves.csv``;
 * ``metrics.json`` sections ``maps`` ({method: {localisation_auroc, relevance_mass,
   deletion_auc, ms_per_subject, ...}}) and ``regions`` ({"top": [...]}).
@@ -182,8 +183,12 @@ class MapsStudy:
         return self.cohort.table["age"].to_numpy(dtype=float)[np.asarray(indices, dtype=int)]
 
     def participant_ids(self, indices: Any) -> list[str]:
-        ids = self.cohort.table["participant_id"].to_numpy()
-        return [str(ids[int(i)]) for i in indices]
+        """Keys of the given rows: ``sub-<label>``, with ``_ses-``/``_run-`` when the
+        cohort keeps several sessions or runs per subject (map file names use them)."""
+        from .manifest import image_labels
+
+        ids = image_labels(self.cohort.table)
+        return [ids[int(i)] for i in indices]
 
     @property
     def noise_checkpoint(self) -> Path:
@@ -675,6 +680,11 @@ def model_reliance(study: MapsStudy, *, progress: bool = True) -> pd.DataFrame |
 
 
 # -- 06: comparison with the baselines ----------------------------------------------------
+def method_map_file(method: str) -> str:
+    """File name (in ``maps/``) of a compared method's mean map: ``method-<name>_mean.nii.gz``."""
+    return f"method-{method}_mean.nii.gz"
+
+
 def compare_methods(
     study: MapsStudy,
     explainer: NoiseMapExplainer,
@@ -725,6 +735,8 @@ def compare_methods(
         ms = 1000.0 * (time.perf_counter() - start) / max(len(indices), 1)
         mean = maps.mean(0)[0].numpy()
         mean_maps[name] = mean
+        save_nifti(study.cohort.to_image(mean.astype(np.float32)),
+                   study.run.maps / method_map_file(name))
         table = region_table(mean, atlas, min_voxels=s.min_region_voxels)
         row: dict[str, Any] = {"method": name, "ms_per_subject": ms, "n_subjects": len(indices)}
         scores = score_map(mean, table, truth, study.cohort.mask)
