@@ -529,6 +529,33 @@ def load_truth(study: MapsStudy) -> GroundTruth | None:
     )
 
 
+def truth_mask_image(run_dir: str | os.PathLike) -> nib.Nifti1Image | None:
+    """The planted ground-truth mask of a run's synthetic cohort (its own grid); None for
+    real data or before the data step has run."""
+    root = RunDir(run_dir).read_metrics().get("data", {}).get("source_root")
+    if not root or not (Path(root) / "derivatives" / "ground_truth").is_dir():
+        return None
+    from .synth import load_ground_truth
+
+    return load_ground_truth(root).mask_img
+
+
+def population_images(run_dir: str | os.PathLike) -> dict[str, nib.Nifti1Image]:
+    """A run's population map and age-band maps, labelled for a viewer's menu."""
+    maps = RunDir(run_dir).root / "maps"
+    out: dict[str, nib.Nifti1Image] = {}
+    population = maps / population_mod.POPULATION_FILE
+    if population.is_file():
+        out["population (all test subjects)"] = nib.load(population)
+    bands = []
+    for path in maps.glob("population_age-*_importance.nii.gz"):
+        lo, hi = path.name[len("population_age-"):-len("_importance.nii.gz")].split("-")
+        bands.append((float(lo), lo, hi, path))
+    for _, lo, hi, path in sorted(bands):
+        out[f"age {lo}-{hi}"] = nib.load(path)
+    return out
+
+
 def planted_patterns(truth: Any) -> list[str]:
     """Atlas patterns of the planted regions of a ``synth.GroundTruth``."""
     for name in ("planted_regions", "regions", "region_names"):

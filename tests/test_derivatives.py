@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import pytest
 from _fixtures_pipeline import make_fake_run
 from bids import BIDSLayout
 
@@ -17,8 +18,6 @@ from brainage_core._validation import BrainAgeInputError
 from brainage_core.config import config_hash
 from brainage_core.derivatives import SPACE, write_derivatives
 from brainage_core.template import load_template
-
-import pytest
 
 
 def _add_maps(run, resolution: int = 8) -> list[str]:
