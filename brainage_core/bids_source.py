@@ -67,6 +67,9 @@ ANAT_ONLY = re.compile(
     r"|sub-[^/]+/sub-[^/]+_sessions\.tsv$)"
 )
 
+#: File name of pybids' index database inside its folder.
+DATABASE_FILE = "layout_index.sqlite"
+
 #: Seconds the BIDS validator command may run.
 VALIDATOR_TIMEOUT = 300.0
 
@@ -155,26 +158,48 @@ def index_t1w(
     from bids.layout import BIDSLayoutIndexer
 
     root = Path(root).expanduser().resolve()
-    kwargs: dict[str, Any] = {}
+    database = partial = None
     if database_dir is not None:
         database = Path(database_dir).expanduser().resolve() / _fingerprint(root)
-        if (database / "layout_index.sqlite").is_file():
-            layout = BIDSLayout(root, validate=False, database_path=database)
-        else:
-            kwargs["database_path"] = database
-            layout = None
+    if database is not None and (database / DATABASE_FILE).is_file():
+        layout = BIDSLayout(root, validate=False, database_path=database)
     else:
-        layout = None
-    if layout is None:
         indexer = BIDSLayoutIndexer(
             validate=False,
             ignore=[ANAT_ONLY, "derivatives", "sourcedata", "code"],
             index_metadata=False,
         )
+        # written next to its final place and moved there complete, so that an
+        # interrupted indexing is never reused
+        if database is not None:
+            partial = database.with_name(f"{database.name}.partial-{os.getpid()}")
+            shutil.rmtree(partial, ignore_errors=True)
         try:
-            layout = BIDSLayout(root, validate=False, indexer=indexer, **kwargs)
+            layout = BIDSLayout(root, validate=False, indexer=indexer,
+                                **({"database_path": partial} if partial else {}))
         except Exception as err:  # pybids raises several types for a broken folder
             raise BrainAgeInputError(f"pybids could not index this folder: {err}", root) from err
+    rows = _t1w_rows(layout)
+    if database is not None and partial is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        del layout  # closes the database before it moves
+        try:
+            os.replace(partial, database)
+        except OSError:  # another process published the same index first
+            shutil.rmtree(partial, ignore_errors=True)
+    table = pd.DataFrame(rows, columns=["participant_id", "session", "run", "path"])
+    if len(table):
+        table["_ses"] = table["session"].map(_natural_key)
+        table["_run"] = table["run"].map(lambda r: -1 if r is None or pd.isna(r) else int(r))
+        table["_sub"] = table["participant_id"].map(_natural_key)
+        table = table.sort_values(["_sub", "_ses", "_run", "path"]).drop(
+            columns=["_ses", "_run", "_sub"]
+        )
+    table["run"] = table["run"].astype("Int64")
+    return table.reset_index(drop=True)
+
+
+def _t1w_rows(layout: Any) -> list[dict[str, Any]]:
     rows = []
     for f in layout.get(suffix="T1w", extension=list(T1W_EXTENSIONS), return_type="object"):
         ent = f.get_entities()
@@ -187,16 +212,7 @@ def index_t1w(
                 "path": str(Path(f.path).resolve()),
             }
         )
-    table = pd.DataFrame(rows, columns=["participant_id", "session", "run", "path"])
-    if len(table):
-        table["_ses"] = table["session"].map(_natural_key)
-        table["_run"] = table["run"].map(lambda r: -1 if r is None or pd.isna(r) else int(r))
-        table["_sub"] = table["participant_id"].map(_natural_key)
-        table = table.sort_values(["_sub", "_ses", "_run", "path"]).drop(
-            columns=["_ses", "_run", "_sub"]
-        )
-    table["run"] = table["run"].astype("Int64")
-    return table.reset_index(drop=True)
+    return rows
 
 
 def select_images(

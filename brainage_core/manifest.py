@@ -80,8 +80,8 @@ def load_bids(
     pandas.DataFrame
         The manifest (see module docstring), one row per chosen image and one per
         participant of ``participants.tsv`` without any image (empty ``path``). Rows
-        carry ``session`` and ``run`` when the dataset has them and ``age_source``
-        ("sessions.tsv" or "participants.tsv"). An image of a subject missing from
+        carry ``session`` (with ``age_source``: "sessions.tsv" or "participants.tsv")
+        and ``run`` when the dataset has them. An image of a subject missing from
         ``participants.tsv`` gets a missing ``age``: :func:`validate_manifest` reports
         both. ``manifest.attrs["metadata"]`` holds the source description (``source``,
         ``source_root``, ``bids_selection``, and ``oracle_mae`` for a synthetic cohort).
@@ -130,8 +130,8 @@ def load_bids(
         table.loc[rows_of, "age"] = table.loc[rows_of, "session"].map(ages)
         table.loc[rows_of, "age_source"] = "sessions.tsv"
     table.loc[table["path"] == "", "age_source"] = None
-    if table["session"].isna().all():
-        table = table.drop(columns="session")
+    if table["session"].isna().all():  # cross-sectional: no session, every age from
+        table = table.drop(columns=["session", "age_source"])  # participants.tsv
     if table["run"].isna().all():
         table = table.drop(columns="run")
     metadata = bids_metadata(root)
