@@ -201,15 +201,17 @@ def index_t1w(
 
 def _t1w_rows(layout: Any) -> list[dict[str, Any]]:
     rows = []
-    for f in layout.get(suffix="T1w", extension=list(T1W_EXTENSIONS), return_type="object"):
-        ent = f.get_entities()
+    # file names, then their entities parsed from the name: one query, not one per file
+    for path in layout.get(suffix="T1w", extension=list(T1W_EXTENSIONS),
+                           return_type="filename"):
+        ent = layout.parse_file_entities(path)
         run = ent.get("run")
         rows.append(
             {
                 "participant_id": f"sub-{ent['subject']}",
                 "session": f"ses-{ent['session']}" if ent.get("session") else None,
                 "run": int(run) if run is not None else None,
-                "path": str(Path(f.path).resolve()),
+                "path": str(Path(path).resolve()),
             }
         )
     return rows
