@@ -10,7 +10,7 @@ The volumes travel inside the page (gzipped NIfTI as base64 ``data:`` URLs, over
 quantised to 8 bits with the NIfTI scale slope), so the page needs no server and works
 from ``file://``. The NiiVue library itself is not embedded: the page loads
 :data:`NIIVUE_BUNDLE` relative to itself, the book vendors that file into its static
-files at build time (:func:`brainage_core.book.vendor_niivue`), and where it is missing,
+files at build time (:func:`brainage_core.pipeline.book.vendor_niivue`), and where it is missing,
 or WebGL2 is not available, the viewer says so in place of the canvas and the plotly
 slice viewers of the same page remain the fallback.
 """
@@ -29,7 +29,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from .._validation import BrainAgeInputError, check_choice
+from brainage_core._utils.validation import BrainAgeInputError, check_choice
 
 #: The npm package, its pinned version, the integrity of its tarball and its licence.
 NIIVUE_PACKAGE = "@niivue/niivue"
