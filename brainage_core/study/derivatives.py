@@ -159,7 +159,7 @@ def write_derivatives(run_dir: str | os.PathLike) -> Path:
         "SourceDatasets": [{"Description": f"data.source = {config['data'].get('source')}"}],
     })
     _brainage_table(run, partial)
-    index = run.root / "tables" / "subject_maps.csv"
+    index = run.table("subject_maps")
     if index.is_file():
         for row in pd.read_csv(index).itertuples(index=False):
             source = run.root / str(row.path)
@@ -179,7 +179,7 @@ def write_derivatives(run_dir: str | os.PathLike) -> Path:
 
 
 def _brainage_table(run: RunDir, out: Path) -> None:
-    source = run.root / "tables" / "predictions.csv"
+    source = run.table("predictions")
     if not source.is_file():
         return
     table = pd.read_csv(source)
@@ -197,10 +197,8 @@ def _brainage_table(run: RunDir, out: Path) -> None:
 
 
 def _group_maps(run: RunDir, out: Path, resolution: int, settings: Mapping[str, Any]) -> None:
-    from brainage_core.analysis.population import POPULATION_FILE
-
     noise = METHOD_DESC["noise"]
-    population = run.root / "maps" / POPULATION_FILE
+    population = run.population_map
     if population.is_file():
         name = map_name("", resolution, f"{noise}Population")
         _place(population, out / name)
@@ -218,7 +216,7 @@ def _group_maps(run: RunDir, out: Path, resolution: int, settings: Mapping[str, 
         _sidecar(out / name, "noise", settings, extra={
             "Statistic": "mean over the test subjects in the age band",
             "AgeBand": [float(lo), float(hi)]})
-    for path in sorted((run.root / "maps").glob("method-*_mean.nii.gz")):
+    for path in sorted(run.maps.glob(run.method_map("*").name)):
         method = path.name[len("method-"):-len("_mean.nii.gz")]
         desc = METHOD_DESC.get(method, _alnum(method))
         name = map_name("", resolution, f"{desc}Mean")

@@ -54,6 +54,7 @@ import pandas as pd
 
 from brainage_core._utils.validation import BrainAgeInputError
 from brainage_core.data.manifest import lower_known_columns, read_table, to_manifest
+from brainage_core.data.sources.base import DataSource, SourceRequest
 
 #: Selection rules of ``data.bids.session`` and ``data.bids.run`` besides a label.
 SELECTION_RULES = ("first", "last", "all")
@@ -67,6 +68,9 @@ ANAT_ONLY = re.compile(
     r"^/(?!sub-[^/]+/?$|sub-[^/]+/ses-[^/]+/?$|sub-[^/]+/(ses-[^/]+/)?anat(/|$)"
     r"|sub-[^/]+/sub-[^/]+_sessions\.tsv$)"
 )
+
+#: Folder of the reusable pybids index databases, under ``data.cache_dir``.
+BIDS_INDEX_DIR = "bids_index"
 
 #: File name of pybids' index database inside its folder.
 DATABASE_FILE = "layout_index.sqlite"
@@ -494,3 +498,18 @@ def _bids_label(value: Any) -> Any:
         return value
     value = str(value).strip()
     return value if value.startswith("sub-") else f"sub-{value}"
+
+
+def _manifest(request: SourceRequest) -> pd.DataFrame:
+    selection = BidsSelection.from_dict(request.bids)
+    return load_bids(request.path, session=selection.session, run=selection.run,
+                     database_dir=request.cache_dir / BIDS_INDEX_DIR)
+
+
+SOURCE = DataSource(
+    name="bids",
+    description="a BIDS folder with participants.tsv (data.path: its root; data.bids: which "
+                "sessions and runs)",
+    needs_path=True,
+    manifest=_manifest,
+)
