@@ -13,7 +13,7 @@ from helpers.data import make_image, make_longitudinal_bids
 from brainage_core._utils.validation import BrainAgeInputError
 from brainage_core.data import manifest as mf
 from brainage_core.data.cache import prepare_cohort
-from brainage_core.data.cohort import resolve_data_config
+from brainage_core.data.cohort import load_cohort, resolve_data_config
 from brainage_core.data.sources import bids as bs
 from brainage_core.data.splits import make_splits
 
@@ -121,6 +121,20 @@ def test_splits_keep_each_subject_in_one_split(tmp_path: Path) -> None:
         if n == 8:
             assert set(table["split"]) == {"train", "val", "test"}
             assert (table["split"] == "train").sum() == 3 * 4  # 4 of 8 subjects, 3 rows each
+
+
+def test_the_config_section_data_bids_reaches_the_loader(longitudinal: Path,
+                                                         tmp_path: Path) -> None:
+    data = {"source": "bids", "path": str(longitudinal), "resolution": 8,
+            "cache_dir": str(tmp_path / "cache"), "split_fractions": [0.5, 0.5, 0.0]}
+    every = load_cohort({**data, "bids": {"session": "all"}}, progress=False, n_jobs=1)
+    assert mf.image_labels(every.table) == ["sub-01_ses-01", "sub-01_ses-02", "sub-02_ses-01",
+                                            "sub-02_ses-02"]
+    assert (every.table.groupby("participant_id")["split"].nunique() == 1).all()
+    last = load_cohort({**data, "bids": {"session": "last"}}, progress=False, n_jobs=1)
+    assert list(last.table["session"]) == ["ses-02", "ses-02"]
+    np.testing.assert_allclose(last.table["age"], [52.5, 59.5])
+    assert list((tmp_path / "cache" / "bids_index").glob("*/layout_index.sqlite"))
 
 
 def test_grouped_splits_equal_plain_splits_with_one_row_per_group() -> None:

@@ -511,5 +511,5 @@ SOURCE = DataSource(
     description="a BIDS folder with participants.tsv (data.path: its root; data.bids: which "
                 "sessions and runs)",
     needs_path=True,
-    manifest=lambda request: load_bids(request.path),
+    manifest=_manifest,
 )
