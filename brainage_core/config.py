@@ -49,7 +49,7 @@ TOP_LEVEL_KEYS = ("name", "seed", "data", "prediction", "maps")
 
 #: Keys of the ``data`` section (its ``synthetic`` sub-section belongs to the generator).
 DATA_KEYS = ("source", "path", "resolution", "cache_dir", "on_error", "split_fractions",
-             "synthetic")
+             "age_range", "synthetic")
 DATA_SOURCES = ("synthetic", "bids", "csv", "oasis")
 ON_ERROR = ("raise", "skip")
 
@@ -247,6 +247,12 @@ def _validate_data(data: Mapping[str, Any]) -> None:
         )
     check_choice("data.source", data.get("source", "synthetic"), DATA_SOURCES)
     check_choice("data.on_error", data.get("on_error", "raise"), ON_ERROR)
+    for key in ("cache_dir", "path"):
+        value = data.get(key)
+        if value is not None and (not isinstance(value, str) or value == ""):
+            raise BrainAgeInputError(
+                f"'data.{key}' must be a folder or file path (text); {value!r} was provided."
+            )
     from .template import SUPPORTED_RESOLUTIONS
 
     check_choice("data.resolution", data.get("resolution", 4), SUPPORTED_RESOLUTIONS)

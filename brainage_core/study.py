@@ -22,9 +22,17 @@ from typing import Any
 
 import pandas as pd
 
+from ._locks import file_lock
 from ._validation import BrainAgeInputError, check_choice, check_positive
-from .cache import PreparedCohort, file_lock, prepare_cohort
-from .manifest import ON_ERROR_CHOICES, fetch_oasis, load_bids, load_csv
+from .cache import PreparedCohort, prepare_cohort
+from .manifest import (
+    AGE_RANGE,
+    ON_ERROR_CHOICES,
+    check_age_range,
+    fetch_oasis,
+    load_bids,
+    load_csv,
+)
 from .splits import check_split_fractions
 from .template import SUPPORTED_RESOLUTIONS
 
@@ -36,6 +44,7 @@ DATA_DEFAULTS: dict[str, Any] = {
     "cache_dir": ".cache/brainage",
     "on_error": "raise",
     "split_fractions": [0.7, 0.15, 0.15],
+    "age_range": list(AGE_RANGE),
     "synthetic": {},
 }
 
@@ -82,6 +91,13 @@ def resolve_data_config(data_config: Mapping[str, Any]) -> dict[str, Any]:
     cfg = {**DATA_DEFAULTS, **{k: v for k, v in data_config.items() if v is not None}}
     cfg["path"] = data_config.get("path")
     check_choice("data.source", cfg["source"], DATA_SOURCES)
+    for key in ("cache_dir", "path"):
+        value = cfg[key]
+        if value is not None and (not isinstance(value, (str, os.PathLike)) or value == ""):
+            raise BrainAgeInputError(
+                f"'data.{key}' must be a folder or file path (text); {value!r} was provided."
+            )
+    cfg["age_range"] = list(check_age_range(cfg["age_range"], "data.age_range"))
     check_choice("data.resolution", cfg["resolution"], SUPPORTED_RESOLUTIONS)
     check_choice("data.on_error", cfg["on_error"], ON_ERROR_CHOICES)
     cfg["split_fractions"] = list(check_split_fractions(cfg["split_fractions"]))
@@ -108,8 +124,9 @@ def load_cohort(
         The config's ``data`` section: ``source`` ("synthetic", "bids", "csv" or
         "oasis"), ``path`` (BIDS root, CSV manifest, or nilearn data folder for OASIS),
         ``resolution`` (cache grid, mm), ``cache_dir`` (relative to the current
-        directory), ``on_error`` ("raise" or "skip"), ``split_fractions`` and
-        ``synthetic`` (:class:`brainage_core.synth.SynthConfig` fields).
+        directory), ``on_error`` ("raise" or "skip"), ``split_fractions``,
+        ``age_range`` (plausible ages, default [0, 120]) and ``synthetic``
+        (:class:`brainage_core.synth.SynthConfig` fields).
     progress : bool, default=True
         Show progress bars.
     n_jobs : int, default=2
@@ -145,6 +162,7 @@ def load_cohort(
         seed=SPLIT_SEED,
         n_jobs=n_jobs,
         progress=progress,
+        age_range=cfg["age_range"],
     )
 
 
@@ -187,7 +205,7 @@ def ensure_synthetic_cohort(
     if (final / "dataset_description.json").is_file():
         return final
     out_root.mkdir(parents=True, exist_ok=True)
-    with file_lock(out_root / f"{key}.lock"):
+    with file_lock(out_root / f"{key}.lock", what="this synthetic cohort"):
         if (final / "dataset_description.json").is_file():
             return final
         partial = out_root / f"{key}.partial"

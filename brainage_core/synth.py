@@ -52,7 +52,6 @@ Output is deterministic for a seed: subject ``i`` draws from
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import os
@@ -68,8 +67,9 @@ from scipy import ndimage, special
 from tqdm.auto import tqdm
 
 from . import __version__
-from ._io import save_nifti, write_json, write_table
+from ._io import remove_temporary_files, save_nifti, write_json, write_table
 from ._validation import BrainAgeInputError, check_choice, check_fraction, check_positive
+from ._workers import process_pool
 from .atlas import ATLAS_NAME, load_atlas
 from .template import SUPPORTED_RESOLUTIONS, Template, load_template
 
@@ -947,6 +947,7 @@ def generate_cohort(
     participants = draw_participants(config)
 
     out.mkdir(parents=True, exist_ok=True)
+    remove_temporary_files(out)  # left by an interrupted run that is now resumed
     write_json(out / "dataset_description.json", _dataset_description(config, oracle))
     regional = [regional_age_column(k) for k in range(len(config.effects))]
     write_table(out / "participants.tsv", participants[list(PARTICIPANT_COLUMNS)])
@@ -977,9 +978,8 @@ def generate_cohort(
                 bar.update()
         else:
             chunk = max(1, min(8, len(subjects) // (4 * n_jobs)))
-            with concurrent.futures.ProcessPoolExecutor(
-                max_workers=n_jobs, initializer=_init_worker, initargs=(renderer,)
-            ) as pool:
+            # Workers die with this process, even on SIGKILL (see _workers).
+            with process_pool(n_jobs, initializer=_init_worker, initargs=(renderer,)) as pool:
                 for _ in pool.map(_write_in_worker, subjects, chunksize=chunk):
                     bar.update()
     return out

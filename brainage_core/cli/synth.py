@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .._io import read_yaml_mapping
+from .._io import check_output_folder, read_yaml_mapping
 from .._validation import check_positive
 from ..template import SUPPORTED_RESOLUTIONS
 
@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         check_positive("--n", args.n, integer=True)
     out = Path(args.out)
     config = SynthConfig.from_dict(synth_settings(args))
+    check_output_folder(out, "--out")
     root = generate_cohort(config, out, n_jobs=args.n_jobs, progress=not args.no_progress)
     description = Path(root) / "dataset_description.json"
     oracle = None
