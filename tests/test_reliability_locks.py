@@ -130,8 +130,7 @@ def test_a_lock_kept_open_by_the_dead_holders_children_is_taken_over(
         os.kill(orphan, signal.SIGKILL)
 
 
-def test_a_holder_on_another_host_is_never_taken_over(tmp_path: Path) -> None:
-    lock = tmp_path / "shared.lock"
+def test_a_holder_on_another_host_is_never_taken_over() -> None:
     other = LockHolder(pid=1, host="another-host", command="x", started="t")
     assert other.is_alive() is None
     dead_here = LockHolder(pid=2**22 + 7, host=LockHolder.current().host, command="x", started="t")
