@@ -345,7 +345,7 @@ def find_manifest_problems(
             elif not np.isfinite(age) or not low <= age <= high:
                 reason = (
                     f"age {_num(age)} is outside the plausible range [{_num(low)}, "
-                    f"{_num(high)}] years (change the range with age_range=(low, high))"
+                    f"{_num(high)}] years, set by age_range=(low, high)"
                 )
             elif pd.isna(path) or str(path) == "":
                 reason = "no image path (no T1w image found)"
