@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import time
@@ -158,6 +159,21 @@ def test_ctrl_c_is_one_line_and_status_130(tiny_bids, tmp_path, monkeypatch, cap
     assert _one_error_line(capsys, "prepare") == (
         "interrupted (Ctrl-C); what was finished is kept; run the same command again to resume"
     )
+
+
+def test_sigterm_is_one_line_and_status_143(tiny_bids, tmp_path, monkeypatch, capsys):
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr("brainage_core.cli.prepare.prepare_cohort", terminated)
+    previous = signal.getsignal(signal.SIGTERM)
+    assert main(_prepare_cli(tiny_bids, tmp_path / "c")) == 143
+    assert _one_error_line(capsys, "prepare") == (
+        "terminated (SIGTERM); what was finished is kept; run the same command again to resume"
+    )
+    assert signal.getsignal(signal.SIGTERM) == previous
 
 
 def _notebook(body: str) -> nbformat.NotebookNode:
