@@ -184,10 +184,13 @@ def python_kernel(name: str = KERNEL_NAME) -> Iterator[str]:
         spec_dir = Path(tmp) / "kernels" / name
         spec_dir.mkdir(parents=True)
         spec = {
-            # log_level=ERROR: the kernel's own log (not the cells' output) stays quiet,
-            # e.g. ipykernel's notice that a local kernel talks over TCP.
-            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
-                     "--IPKernelApp.log_level=ERROR"],
+            # log_level=CRITICAL: the kernel's own log (not the cells' output, which
+            # papermill records) stays quiet, e.g. ipykernel's notice that a local kernel
+            # talks over TCP, or the errors of a kernel shut down in the middle of a cell
+            # by Ctrl-C (which is then reported in one line).
+            # brainage_core._kernel: ipykernel_launcher, tied to the run (dies with it).
+            "argv": [sys.executable, "-m", "brainage_core._kernel", "-f", "{connection_file}",
+                     "--IPKernelApp.log_level=CRITICAL"],
             "display_name": f"Python 3 ({Path(sys.prefix).name})",
             "language": "python",
             # Figures go into the notebook whatever MPLBACKEND the caller has (a test

@@ -53,15 +53,16 @@ def wait_gone(pids: list[int], seconds: float) -> bool:
     return True
 
 
-def cache_files(root: Path) -> dict[str, bytes]:
-    """Every file of a published cache, ``metadata.json`` without its creation time."""
+def cache_files(root: Path, ignore: tuple[str, ...] = ("created",)) -> dict[str, bytes]:
+    """Every file of a published cache, ``metadata.json`` without the keys ``ignore``."""
     files = {}
     for path in sorted(root.rglob("*")):
         if path.is_file():
             data = path.read_bytes()
             if path.name == "metadata.json":
                 meta = json.loads(data)
-                meta.pop("created")
+                for key in ignore:
+                    meta.pop(key, None)
                 data = json.dumps(meta, sort_keys=True).encode()
             files[str(path.relative_to(root))] = data
     return files

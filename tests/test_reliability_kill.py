@@ -26,6 +26,7 @@ from _fixtures_data import RES, make_bids
 from _reliability import cache_files, descendants, leftovers, published, wait_gone
 
 from brainage_core import _io, cache
+from brainage_core._locks import read_lock_holder
 from brainage_core.manifest import load_bids
 
 FORK = multiprocessing.get_context("fork")
@@ -208,23 +209,32 @@ def test_run_killed_and_interrupted_then_resumed(tmp_path: Path) -> None:
     ref = _start(_run_cli, argv, str(err))
     ref.join(300)
     assert ref.exitcode == 0, err.read_text()
-    reference = cache_files(published(cache_dir / "prepared"))
+    # the key hashes the images' modification times, which a resumed generation changes
+    reference = cache_files(published(cache_dir / "prepared"), ignore=("created", "key"))
     synthetic = cache_files(published(cache_dir / "synthetic"))
     cache_dir.rename(tmp_path / "cache-reference")
     shutil.rmtree(run_dir)
 
     # 1. SIGKILL while the synthetic cohort is generated (2 workers in the kernel)
     proc = _start(_run_cli, argv, str(err))
-    _wait_for(lambda: len(list(cache_dir.glob("synthetic/*.partial/sub-*"))) >= 3, proc,
-              "the generation")
+    _wait_for(lambda: len(list(cache_dir.glob("synthetic/*.partial/sub-*"))) >= 3
+              and len(descendants(proc.pid)) >= 3, proc, "the generation")
     family = _kill(proc)
     assert len(family) >= 3  # the notebook kernel and its 2 workers
-    assert wait_gone(family, 10.0), "the kernel or its workers outlived the killed run"
+    assert wait_gone(family, 2.0), "the kernel or its workers outlived the killed run"
+    assert not (cache_dir / "prepared").exists()  # the kernel stopped with its run
 
     # 2. Ctrl-C while the cohort is prepared: one line, status 130, step "interrupted"
     proc = _start(_run_cli, argv, str(err))
-    _wait_for(lambda: any(cache_dir.glob("prepared/*.partial/images.npy")), proc,
-              "the preparation")
+
+    def preparing() -> bool:  # by this run's kernel: it holds the cache entry's lock
+        holders = [read_lock_holder(p) for p in cache_dir.glob("prepared/*.lock")]
+        kernel = descendants(proc.pid)
+        return any(h is not None and h.pid in kernel for h in holders) and any(
+            cache_dir.glob("prepared/*.partial/images.npy")
+        )
+
+    _wait_for(preparing, proc, "the preparation")
     family = descendants(proc.pid)
     os.kill(proc.pid, signal.SIGINT)
     proc.join(60)
@@ -243,7 +253,7 @@ def test_run_killed_and_interrupted_then_resumed(tmp_path: Path) -> None:
     proc = _start(_run_cli, argv, str(err))
     proc.join(300)
     assert proc.exitcode == 0, err.read_text()
-    assert cache_files(published(cache_dir / "prepared")) == reference
+    assert cache_files(published(cache_dir / "prepared"), ignore=("created", "key")) == reference
     assert cache_files(published(cache_dir / "synthetic")) == synthetic
     state = json.loads((run_dir / ".pipeline.json").read_text())
     assert state["steps"]["01_data"]["status"] == "ok"
