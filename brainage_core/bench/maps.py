@@ -7,7 +7,7 @@ subjects' maps and prints
 
 - the localisation AUROC of the population map against the planted mask (goal >= 0.90),
   per effect beside the predictor's reliance on that effect (see
-  :mod:`brainage_core.reliance`), and its relevance mass (against a uniform map's);
+  :mod:`brainage_core.analysis.reliance`), and its relevance mass (against a uniform map's);
 - whether the planted regions are the top-ranked regions (and the share of the top k that
   are planted), with the top regions: a method that always highlights the hippocampus
   and the ventricles, whatever the data, fails the re-planted cohort;
@@ -36,10 +36,10 @@ from typing import Any
 
 import torch
 
-from .. import explain
-from ..config import load_config
-from ..noise_maps import MapsConfig
-from ..rundir import RunDir
+from brainage_core.study import average, explain, maps
+from brainage_core.study.config import load_config
+from brainage_core.study.maps import MapsConfig
+from brainage_core.study.rundir import RunDir
 
 #: Goals of the study (printed beside the figures).
 GOALS = {"localisation_auroc": 0.90}
@@ -147,9 +147,9 @@ def run(args: Any = None) -> dict[str, Any]:
 
 def run_cohort(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Train the predictor and the noise model of one cohort; score the population map."""
-    from ..evaluation import predict
-    from ..study import load_cohort
-    from ..training import TrainConfig, cohort_datasets, train_predictor
+    from brainage_core.data.cohort import load_cohort
+    from brainage_core.models.evaluation import predict
+    from brainage_core.models.training import TrainConfig, cohort_datasets, train_predictor
 
     run = RunDir(run_dir)
     run.write_config(config)
@@ -172,7 +172,7 @@ def run_cohort(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     settings = MapsConfig.from_dict(config.get("maps"), seed=config.get("seed", 0))
     if settings.num_threads is not None:
         torch.set_num_threads(settings.num_threads)
-    study = explain.MapsStudy(
+    study = maps.MapsStudy(
         run=run, config=config, settings=settings, cohort=cohort, predictor=model
     )
     fit = explain.fit_noise_model(study)
@@ -180,10 +180,10 @@ def run_cohort(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     explain.write_subject_maps(study, fit.explainer)
     maps_seconds = time.perf_counter() - t2
     timing = explain.time_methods(study, fit.explainer).set_index("method")["ms_per_subject"]
-    population = explain.population_maps(study)
-    scores = explain.score_population(study, population)
-    truth = explain.load_truth(study)
-    reliance = explain.model_reliance(study)
+    population = average.population_maps(study)
+    scores = average.score_population(study, population)
+    truth = maps.load_truth(study)
+    reliance = average.model_reliance(study)
     return {
         "n_subjects": len(cohort),
         "grid": list(cohort.images.shape[1:]),
@@ -195,9 +195,9 @@ def run_cohort(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         "lam": fit.explainer.lam,
         "noise_train_seconds": fit.train_seconds,
         "maps_seconds": maps_seconds,
-        "ms_per_subject_amortised": float(timing.get(explain.NOISE, float("nan"))),
+        "ms_per_subject_amortised": float(timing.get(maps.NOISE, float("nan"))),
         "ms_per_subject_per_subject_mode": float(
-            timing.get(explain.NOISE_PER_SUBJECT, float("nan"))
+            timing.get(maps.NOISE_PER_SUBJECT, float("nan"))
         ),
         "localisation_auroc": scores.get("localisation_auroc"),
         "localisation_auroc_by_effect": scores.get("localisation_auroc_by_effect"),

@@ -20,8 +20,8 @@ import signal
 import sys
 from collections.abc import Mapping
 
-from .._locks import COMMAND_ENV, LOCK_WAIT_ENV
-from .._validation import BrainAgeInputError
+from brainage_core._utils.locks import COMMAND_ENV, LOCK_WAIT_ENV
+from brainage_core._utils.validation import BrainAgeInputError
 
 #: Subcommand modules, in the order ``--help`` lists them.
 SUBCOMMANDS = ("synth", "prepare", "run", "book", "bench")

@@ -7,18 +7,14 @@ import sys
 
 import pandas as pd
 
-from .._io import check_output_folder
-from .._validation import check_positive
-from ..cache import prepare_cohort
-from ..manifest import (
-    AGE_RANGE,
-    ON_ERROR_CHOICES,
-    check_age_range,
-    fetch_oasis,
-    load_bids,
-    load_csv,
-)
-from ..template import SUPPORTED_RESOLUTIONS
+from brainage_core._utils.io import check_output_folder
+from brainage_core._utils.validation import check_positive
+from brainage_core.data.cache import prepare_cohort
+from brainage_core.data.manifest import AGE_RANGE, ON_ERROR_CHOICES, check_age_range
+from brainage_core.data.sources.bids import load_bids
+from brainage_core.data.sources.csv import load_csv
+from brainage_core.data.sources.oasis import fetch_oasis
+from brainage_core.data.template import SUPPORTED_RESOLUTIONS
 
 #: The library's spellings in error hints, as this command spells them.
 SPELLING = {

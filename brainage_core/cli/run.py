@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from .._io import check_output_folder
-from ..config import PRESETS, load_config, run_name
+from brainage_core._utils.io import check_output_folder
+from brainage_core.study.config import PRESETS, load_config, run_name
 
 #: The library's spellings in error hints, as this command spells them.
 SPELLING = {
@@ -111,8 +111,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def main(args: argparse.Namespace) -> int:
     """Resolve the configuration and run the pipeline; return the exit code."""
-    from ..config import dump_config
-    from ..pipeline import NOTEBOOK_DIR, StepFailed, run_pipeline
+    from brainage_core.pipeline.runner import NOTEBOOK_DIR, StepFailed, run_pipeline
+    from brainage_core.study.config import dump_config
 
     config = load_config(args.preset, args.config, [tuple(p) for p in args.params])
     if args.run_dir is not None:
