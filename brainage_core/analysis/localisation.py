@@ -204,3 +204,50 @@ def depth_matched_auroc(importance: Any, truth: Any, brain: Any, *, max_depth: i
     if table.empty or weights.sum() == 0:
         return float("nan")
     return float((table["auroc_within"] * weights).sum() / weights.sum())
+
+
+def score_map(
+    importance: np.ndarray,
+    table: pd.DataFrame | None,
+    truth: Any,
+    brain: np.ndarray,
+) -> dict[str, Any]:
+    """All localisation scores of one (population) map; empty without ground truth.
+
+    Parameters
+    ----------
+    importance : numpy.ndarray
+        The map, on the truth's grid.
+    table : pandas.DataFrame or None
+        Its region table (:func:`brainage_core.analysis.regions.region_table`), for the
+        ranks of the planted regions; None skips them.
+    truth : GridTruth or None
+        :class:`brainage_core.analysis.truth.GridTruth` (``mask``, ``regions``,
+        ``effect_masks``); None returns ``{}``.
+    brain : numpy.ndarray of bool
+        The brain mask.
+    """
+    if truth is None:
+        return {}
+    scores: dict[str, Any] = {
+        "localisation_auroc": localisation_auroc(importance, truth.mask, brain),
+        "relevance_mass": relevance_mass(np.clip(importance, 0, None), truth.mask, brain),
+        "relevance_mass_uniform": float(truth.mask[brain].mean()),
+        "localisation_auroc_depth_matched": depth_matched_auroc(importance, truth.mask, brain),
+    }
+    if truth.effect_masks:
+        # Each effect against the unplanted brain (the other effects' voxels left out).
+        scores["localisation_auroc_by_effect"] = {
+            kind: localisation_auroc(importance, mask, brain & (mask | ~truth.mask))
+            for kind, mask in truth.effect_masks.items()
+        }
+    if table is not None:
+        ranks = planted_ranks(table, truth.regions)
+        scores.update(
+            {
+                "planted_top": ranks["top"],
+                "planted_precision_at_k": ranks["precision_at_k"],
+                "planted_ranks": ranks["ranks"],
+            }
+        )
+    return scores

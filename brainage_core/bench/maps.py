@@ -160,7 +160,7 @@ def run_cohort(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     datasets = cohort_datasets(cohort, cfg)
     t1 = time.perf_counter()
     trained = train_predictor(
-        cfg, datasets["train"], datasets["val"], checkpoint=run.checkpoints / "predictor.pt"
+        cfg, datasets["train"], datasets["val"], checkpoint=run.predictor_checkpoint
     )
     predictor_seconds = time.perf_counter() - t1
     model = trained.model.eval()
@@ -192,7 +192,7 @@ def run_cohort(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         "predictor_seconds": predictor_seconds,
         "predictor_test_mae": test_mae,
         "oracle_mae": cohort.metadata.get("oracle_mae"),
-        "lam": fit.explainer.lam,
+        "lam": fit.explainer.noise.lam,
         "noise_train_seconds": fit.train_seconds,
         "maps_seconds": maps_seconds,
         "ms_per_subject_amortised": float(timing.get(maps.NOISE, float("nan"))),

@@ -35,6 +35,7 @@ from brainage_core._utils.validation import (
     check_positive,
 )
 from brainage_core.data.datasets import SPLITS, Augmentation, CohortDataset
+from brainage_core.data.protocol import Cohort
 from brainage_core.models.cnn import HEADS, NORMS, POOLS, BrainAgeCNN
 from brainage_core.models.distributed import (
     DistContext,
@@ -351,7 +352,7 @@ def train_predictor(
         torch.set_num_threads(old_threads)
 
 
-def cohort_datasets(cohort: Any, config: TrainConfig | dict[str, Any]
+def cohort_datasets(cohort: Cohort, config: TrainConfig | dict[str, Any]
                     ) -> dict[str, CohortDataset]:
     """The train, val and test datasets of a cohort, set up as ``config`` asks.
 

@@ -14,17 +14,11 @@ from brainage_core._utils.io import write_table
 from brainage_core.analysis import population as population_mod
 from brainage_core.analysis.faithfulness import deletion_auc, deletion_curve
 from brainage_core.analysis.localisation import (
-    depth_matched_auroc,
-    localisation_auroc,
-    planted_ranks,
-    relevance_mass,
+    score_map,
 )
 from brainage_core.analysis.regions import region_table, top_regions, write_region_table
 from brainage_core.study.maps import (
     NOISE,
-    REGIONS_TABLE,
-    RELIANCE_TABLE,
-    GroundTruth,
     MapsStudy,
     load_truth,
     merge_metrics,
@@ -66,42 +60,9 @@ def population_maps(study: MapsStudy) -> PopulationResult:
         min_subjects=s.age_band_min_subjects,
     )
     table = region_table(population, study.atlas(), min_voxels=s.min_region_voxels)
-    write_region_table(table, study.run.tables / REGIONS_TABLE)
+    write_region_table(table, study.run.table("regions"))
     study.run.update_metrics("regions", {"top": top_regions(table, s.top_regions)})
     return PopulationResult(population=population, bands=bands, paths=paths, table=table)
-
-
-def score_map(
-    importance: np.ndarray,
-    table: pd.DataFrame | None,
-    truth: GroundTruth | None,
-    brain: np.ndarray,
-) -> dict[str, Any]:
-    """Localisation scores of one (population) map; empty without ground truth."""
-    if truth is None:
-        return {}
-    scores: dict[str, Any] = {
-        "localisation_auroc": localisation_auroc(importance, truth.mask, brain),
-        "relevance_mass": relevance_mass(np.clip(importance, 0, None), truth.mask, brain),
-        "relevance_mass_uniform": float(truth.mask[brain].mean()),
-        "localisation_auroc_depth_matched": depth_matched_auroc(importance, truth.mask, brain),
-    }
-    if truth.effect_masks:
-        # Each effect against the unplanted brain (the other effects' voxels left out).
-        scores["localisation_auroc_by_effect"] = {
-            kind: localisation_auroc(importance, mask, brain & (mask | ~truth.mask))
-            for kind, mask in truth.effect_masks.items()
-        }
-    if table is not None:
-        ranks = planted_ranks(table, truth.regions)
-        scores.update(
-            {
-                "planted_top": ranks["top"],
-                "planted_precision_at_k": ranks["precision_at_k"],
-                "planted_ranks": ranks["ranks"],
-            }
-        )
-    return scores
 
 
 def score_population(study: MapsStudy, result: PopulationResult) -> dict[str, Any]:
@@ -155,7 +116,7 @@ def model_reliance(study: MapsStudy, *, progress: bool = True) -> pd.DataFrame |
         delta=s.reliance_delta,
         progress=progress,
     )
-    write_table(study.run.tables / RELIANCE_TABLE, table)
+    write_table(study.run.table("effect_reliance"), table)
     study.run.update_metrics(
         "reliance",
         {

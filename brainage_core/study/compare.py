@@ -12,10 +12,10 @@ from tqdm.auto import tqdm
 
 from brainage_core._utils.io import write_table
 from brainage_core.analysis.faithfulness import deletion_auc, deletion_curve, faithfulness
+from brainage_core.analysis.localisation import score_map
 from brainage_core.analysis.regions import region_table
 from brainage_core.explain.captum import CaptumExplainer
 from brainage_core.explain.noise.amortised import NoiseMapExplainer
-from brainage_core.study.average import score_map
 from brainage_core.study.explain import per_subject_explainer
 from brainage_core.study.maps import (
     NOISE,
@@ -95,8 +95,8 @@ def compare_methods(
             maps,
             study.cohort.mask,
             fraction=s.faithfulness_fraction,
-            sigma=explainer.s_max,
-            seed=s.seed or 0,
+            sigma=explainer.noise.s_max,
+            seed=s.noise.seed,
         )
         row.update({f"shift_{k}": v for k, v in faith.items()})
         row["top_region"] = table["name"].iloc[0] if len(table) else ""
@@ -108,6 +108,6 @@ def compare_methods(
             merge_metrics(study, name, values)
     scores_df = pd.DataFrame(rows)
     curves_df = pd.concat(curves, ignore_index=True)[["method", "fraction", "change"]]
-    write_table(study.run.tables / "method_comparison.csv", scores_df)
-    write_table(study.run.tables / "deletion_curves.csv", curves_df)
+    write_table(study.run.table("method_comparison"), scores_df)
+    write_table(study.run.table("deletion_curves"), curves_df)
     return scores_df, curves_df, mean_maps

@@ -18,23 +18,16 @@ from brainage_core._utils.validation import (
     check_fraction,
     check_positive,
 )
-from brainage_core.analysis.localisation import (
-    truth_on_grid,
-)
+from brainage_core.analysis.truth import GridTruth, truth_on_cohort_grid
 from brainage_core.explain.captum import METHODS
-from brainage_core.explain.noise.objective import TARGETS
+from brainage_core.explain.noise.settings import NoiseSettings
+from brainage_core.explain.noise.settings import field_names as noise_field_names
 from brainage_core.study.rundir import RunDir
 
 #: Names of the methods in tables and in ``metrics.json``.
 NOISE = "noise"
 NOISE_PER_SUBJECT = "noise_per_subject"
 
-NOISE_CHECKPOINT = "noise_model.pt"
-CALIBRATION_TABLE = "lambda_calibration.csv"
-RELIANCE_TABLE = "effect_reliance.csv"
-MAPS_SOURCE = ".maps_source.json"
-SUBJECT_MAPS_TABLE = "subject_maps.csv"
-REGIONS_TABLE = "regions.csv"
 
 
 @dataclass
@@ -43,15 +36,12 @@ class MapsConfig:
 
     Attributes
     ----------
-    target : {"prediction", "age"}, default="prediction"
-        Target of the task loss (see the module docstring for why "prediction").
-    lam : float, default=1.0
-        Lambda of the noise term, used as is unless ``calibrate`` is true.
-    s_min, s_max : float, default=0.0, 0.3
-        Noise standard deviation at B = 0 and B = 1, in units of the normalised
-        intensities (CSF near 0, white matter near 1; see :mod:`brainage_core.preprocess`).
-        At 1.0 (the full tissue contrast) the predictors of the study lose their
-        prediction under almost any noise and B collapses towards 0 everywhere.
+    noise : NoiseSettings
+        The noise model's objective, declared in
+        :class:`~brainage_core.explain.noise.settings.NoiseSettings`. In the config its
+        fields are keys of the ``maps`` section itself: ``maps.lam`` (used as is unless
+        ``calibrate`` is true), ``maps.s_min``, ``maps.s_max``, ``maps.target`` and
+        ``maps.seed`` (None or absent: the study's top-level ``seed``).
     channels, depth : int, default=8, 2
         Width and depth of the U-Net noise model.
     downsample : int, default=1
@@ -101,14 +91,9 @@ class MapsConfig:
         effect (synthetic cohorts only; see :mod:`brainage_core.reliance`; 0 skips it).
     reliance_delta : float, default=10.0
         Years by which each effect is aged in that measurement.
-    seed : int or None, default=None
-        Seed of the noise model; None takes the study's top-level ``seed``.
     """
 
-    target: str = "prediction"
-    lam: float = 1.0
-    s_min: float = 0.0
-    s_max: float = 0.3
+    noise: NoiseSettings = field(default_factory=NoiseSettings)
     channels: int = 8
     depth: int = 2
     downsample: int = 1
@@ -136,13 +121,10 @@ class MapsConfig:
     faithfulness_fraction: float = 0.5
     reliance_subjects: int = 16
     reliance_delta: float = 10.0
-    seed: int | None = None
 
     def __post_init__(self) -> None:
-        check_choice("maps.target", self.target, TARGETS)
-        for name in ("lam", "s_min", "tolerance"):
-            check_positive(f"maps.{name}", getattr(self, name), allow_zero=True)
-        for name in ("s_max", "lr", "per_subject_lr", "age_band_width", "reliance_delta"):
+        check_positive("maps.tolerance", self.tolerance, allow_zero=True)
+        for name in ("lr", "per_subject_lr", "age_band_width", "reliance_delta"):
             check_positive(f"maps.{name}", getattr(self, name))
         for name in ("max_train_subjects", "max_val_subjects", "num_threads"):
             if getattr(self, name) is not None:
@@ -171,11 +153,6 @@ class MapsConfig:
                 allow_zero=name in ("depth", "timing_subjects", "reliance_subjects"),
             )
         check_fraction("maps.faithfulness_fraction", self.faithfulness_fraction, allow_one=True)
-        if self.s_max < self.s_min:
-            raise BrainAgeInputError(
-                f"'maps.s_max' must be at least 'maps.s_min' ({self.s_min}); "
-                f"{self.s_max!r} was provided."
-            )
         if not isinstance(self.calibrate, bool):
             raise BrainAgeInputError(
                 f"'maps.calibrate' must be true or false; {self.calibrate!r} was provided."
@@ -193,8 +170,6 @@ class MapsConfig:
             )
         for method in self.baselines:
             check_choice("maps.baselines", method, METHODS)
-        if self.seed is not None:
-            check_positive("maps.seed", self.seed, integer=True, allow_zero=True)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, *, seed: int | None = None) -> MapsConfig:
@@ -208,18 +183,21 @@ class MapsConfig:
             The study's top-level seed, used when the section sets none.
         """
         d = dict(d or {})
-        known = {f.name for f in fields(cls)}
+        noise_keys = noise_field_names()
+        known = {f.name for f in fields(cls) if f.name != "noise"} | set(noise_keys)
         unknown = sorted(set(d) - known)
         if unknown:
             raise BrainAgeInputError(
                 f"unknown key(s) in config section 'maps': {unknown}; it has {sorted(known)}"
             )
-        if d.get("seed") is None and seed is not None:
-            d["seed"] = seed
+        noise = {k: d.pop(k) for k in noise_keys if k in d}
+        if noise.get("seed") is None:
+            noise["seed"] = 0 if seed is None else seed
+        for name in ("lam", "s_min", "s_max"):
+            if isinstance(noise.get(name), int) and not isinstance(noise.get(name), bool):
+                noise[name] = float(noise[name])
+        d["noise"] = NoiseSettings.from_dict(noise, prefix="maps.")
         for name in (
-            "lam",
-            "s_min",
-            "s_max",
             "lr",
             "per_subject_lr",
             "tolerance",
@@ -232,41 +210,14 @@ class MapsConfig:
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of the settings (YAML/JSON-ready)."""
-        return asdict(self)
+        """Plain dict of the settings, flat as in the config (YAML/JSON-ready)."""
+        d = asdict(self)
+        return {**d.pop("noise"), **d}
 
-    def explainer_kwargs(self) -> dict[str, Any]:
-        """Arguments of :class:`NoiseMapExplainer` (all but ``predictor`` and ``mask``)."""
-        return {
-            "lam": self.lam,
-            "s_min": self.s_min,
-            "s_max": self.s_max,
-            "target": self.target,
-            "channels": self.channels,
-            "depth": self.depth,
-            "downsample": self.downsample,
-            "seed": self.seed or 0,
-        }
+    def network_kwargs(self) -> dict[str, Any]:
+        """The noise model's architecture: arguments of :class:`NoiseMapExplainer`."""
+        return {"channels": self.channels, "depth": self.depth, "downsample": self.downsample}
 
-
-@dataclass
-class GroundTruth:
-    """The planted age signal of a synthetic cohort, on the cohort's grid.
-
-    Attributes
-    ----------
-    mask : numpy.ndarray of bool
-        Voxels that carry planted age signal.
-    regions : list of str
-        Atlas patterns of the planted regions.
-    effect_masks : dict of str to numpy.ndarray
-        The voxels of each kind of effect (for example ``"cortical_thinning"``), so that
-        a map can be scored per effect; empty when unknown.
-    """
-
-    mask: np.ndarray
-    regions: list[str]
-    effect_masks: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 # -- the study a map step works on ------------------------------------------------------------
@@ -293,7 +244,7 @@ class MapsStudy:
     settings: MapsConfig
     cohort: Any
     predictor: nn.Module
-    truth: GroundTruth | None = None
+    truth: GridTruth | None = None
 
     @classmethod
     def open(
@@ -326,7 +277,7 @@ class MapsStudy:
         if settings.num_threads is not None:
             torch.set_num_threads(settings.num_threads)
         cohort = load_cohort(config["data"], progress=progress)
-        ckpt = run.root / "checkpoints" / "predictor.pt"
+        ckpt = run.predictor_checkpoint
         if not ckpt.is_file():
             raise BrainAgeInputError(
                 "no trained predictor: run notebooks/02_train.ipynb first", ckpt
@@ -347,7 +298,7 @@ class MapsStudy:
 
         idx = self.indices(split)
         if n is not None and len(idx) > n:
-            rng = np.random.default_rng(self.settings.seed or 0)
+            rng = np.random.default_rng(self.settings.noise.seed)
             idx = np.sort(rng.choice(idx, size=int(n), replace=False))
         return CohortDataset(self.cohort, indices=idx)
 
@@ -370,7 +321,7 @@ class MapsStudy:
 
     @property
     def noise_checkpoint(self) -> Path:
-        return self.run.checkpoints / NOISE_CHECKPOINT
+        return self.run.noise_checkpoint
 
     def atlas(self) -> Any:
         """The Harvard–Oxford atlas on the cohort's grid."""
@@ -380,14 +331,10 @@ class MapsStudy:
 
 
 # -- 03: per-subject maps ------------------------------------------------------------------
-def subject_map_path(maps_dir: str | os.PathLike, participant_id: str) -> Path:
-    """``maps_dir/<participant_id>_importance.nii.gz``."""
-    return Path(maps_dir) / f"{participant_id}_importance.nii.gz"
-
 
 def read_subject_maps(study: MapsStudy) -> pd.DataFrame:
     """The index of per-subject maps written by :func:`write_subject_maps` (absolute paths)."""
-    path = study.run.root / "tables" / SUBJECT_MAPS_TABLE
+    path = study.run.table("subject_maps")
     if not path.is_file():
         raise BrainAgeInputError("no per-subject maps: run notebooks/03_explain.ipynb first", path)
     table = pd.read_csv(path)
@@ -401,42 +348,12 @@ def merge_metrics(study: MapsStudy, method: str, values: dict[str, Any]) -> None
 
 
 # -- 04: population maps, regions, ground truth -------------------------------------------
-def load_truth(study: MapsStudy) -> GroundTruth | None:
-    """The ground truth of a synthetic cohort on its grid; None for real data.
+def load_truth(study: MapsStudy) -> GridTruth | None:
+    """The ground truth of the run's cohort on its grid; None for real data.
 
     ``study.truth``, when set, is returned as is.
     """
     if study.truth is not None:
         return study.truth
-    root = study.cohort.metadata.get("source_root")
-    if not root or not (Path(root) / "derivatives" / "ground_truth").is_dir():
-        return None
-    from brainage_core.data.synth.cohort import load_ground_truth
+    return truth_on_cohort_grid(study.cohort)
 
-    truth = load_ground_truth(root)
-    grid = (study.cohort.affine, study.cohort.mask.shape)
-    mask = truth_on_grid(truth.mask_img, *grid)
-    effect_masks = {
-        kind: truth_on_grid(img, *grid) & study.cohort.mask
-        for kind, img in truth.effect_mask_imgs.items()
-    }
-    return GroundTruth(
-        mask=mask & study.cohort.mask,
-        regions=planted_patterns(truth),
-        effect_masks=effect_masks,
-    )
-
-
-def planted_patterns(truth: Any) -> list[str]:
-    """Atlas patterns of the planted regions of a ``synth.GroundTruth``."""
-    for name in ("planted_regions", "regions", "region_names"):
-        value = getattr(truth, name, None)
-        if value:
-            return [str(v) for v in value]
-    effects = getattr(truth, "effects", None)
-    if effects is not None and "regions" in effects:
-        out: list[str] = []
-        for cell in effects["regions"]:
-            out.extend(p.strip() for p in str(cell).replace(";", ",").split(",") if p.strip())
-        return sorted(set(out))
-    raise BrainAgeInputError("the ground truth names no planted regions")

@@ -28,7 +28,7 @@ def run(setup, lambdas, tolerance):
         val,
         lambdas=lambdas,
         tolerance=tolerance,
-        explainer_kwargs={"mask": data.brain, "channels": 2, "seed": 0},
+        explainer_kwargs={"mask": data.brain, "channels": 2, "seed": 0, "s_max": 1.0},
         fit_kwargs={"epochs": 4, "lr": 1e-2},
         n_draws=4,
         progress=False,
@@ -51,7 +51,7 @@ def test_chosen_lambda_meets_the_tolerance(setup):
     # more lambda, more noise
     assert curve["mean_sigma"].iloc[-1] > curve["mean_sigma"].iloc[0]
     # the returned explainer is the chosen one, and holds its tolerance on fresh noise draws
-    assert result.explainer.lam == result.lam
+    assert result.explainer.noise.lam == result.lam
     fresh = result.explainer.evaluate(val, n_draws=8, seed_offset=7)
     assert fresh["noisy_mae"] - fresh["clean_mae"] <= 1.5 * tolerance
     assert result.explainer.attribute(data.images[:1]).shape == data.images[:1].shape

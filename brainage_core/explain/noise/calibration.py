@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pandas as pd
@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 from brainage_core._utils.validation import BrainAgeInputError, check_positive
 from brainage_core.explain.noise.amortised import NoiseMapExplainer
 from brainage_core.explain.noise.objective import as_dataset
+from brainage_core.explain.noise.settings import NoiseSettings, resolve_settings
+from brainage_core.explain.noise.settings import field_names as noise_field_names
 
 #: Default candidate values of lambda (a log-spaced grid).
 DEFAULT_LAMBDAS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
@@ -60,6 +62,7 @@ def calibrate_lambda(
     *,
     lambdas: Sequence[float] = DEFAULT_LAMBDAS,
     tolerance: float = 1.0,
+    settings: NoiseSettings | None = None,
     explainer_kwargs: dict[str, Any] | None = None,
     fit_kwargs: dict[str, Any] | None = None,
     n_draws: int = 2,
@@ -79,9 +82,13 @@ def calibrate_lambda(
         Candidate values, tried in increasing order.
     tolerance : float, default=1.0
         Allowed rise, in years, of the validation MAE on noised images over the clean MAE.
+    settings : NoiseSettings or None, default=None
+        The objective of every candidate, with its ``lam`` replaced by the candidate's;
+        None takes the defaults.
     explainer_kwargs : dict or None, default=None
         Further arguments of :class:`~brainage_core.explain.noise.amortised.NoiseMapExplainer`
-        (``mask``, ``s_min``, ``s_max``, ``target``, ``channels``, ...), not ``lam``.
+        (``mask``, ``channels``, ``depth``, ...; noise settings such as ``s_max`` when
+        ``settings`` is None), not ``lam``.
     fit_kwargs : dict or None, default=None
         Arguments of :meth:`~brainage_core.explain.noise.amortised.NoiseMapExplainer.fit`
         (``epochs``, ``batch_size``, ``lr``).
@@ -107,6 +114,10 @@ def calibrate_lambda(
     explainer_kwargs = dict(explainer_kwargs or {})
     if "lam" in explainer_kwargs:
         raise BrainAgeInputError("'explainer_kwargs' must not set 'lam'; pass 'lambdas'.")
+    noise_kwargs = {
+        k: explainer_kwargs.pop(k) for k in noise_field_names() if k in explainer_kwargs
+    }
+    base = resolve_settings(settings, noise_kwargs)
     fit_kwargs = {"progress": False, **(fit_kwargs or {})}
     val_set = as_dataset(val_data, "val_data")
     train_set = as_dataset(train_data, "train_data")
@@ -114,7 +125,7 @@ def calibrate_lambda(
     states: list[dict[str, torch.Tensor]] = []
     previous: dict[str, torch.Tensor] | None = None
     for lam in tqdm(lams, desc="calibrating lambda", disable=None if progress else True):
-        explainer = NoiseMapExplainer(predictor, lam=lam, **explainer_kwargs)
+        explainer = NoiseMapExplainer(predictor, replace(base, lam=lam), **explainer_kwargs)
         if warm_start and previous is not None:
             explainer.noise_model.load_state_dict(previous)
         explainer.fit(train_set, **fit_kwargs)
@@ -148,7 +159,7 @@ def calibrate_lambda(
             stacklevel=2,
         )
     curve["chosen"] = curve.index == best
-    chosen = NoiseMapExplainer(predictor, lam=lams[best], **explainer_kwargs)
+    chosen = NoiseMapExplainer(predictor, replace(base, lam=lams[best]), **explainer_kwargs)
     chosen.noise_model.load_state_dict(states[best])
     chosen.noise_model.eval()
     return CalibrationResult(

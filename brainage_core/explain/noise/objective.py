@@ -13,13 +13,9 @@ from torch.utils.data import Dataset, TensorDataset
 from brainage_core._utils.torch import as_mask, model_device, predict_batch
 from brainage_core._utils.validation import (
     BrainAgeInputError,
-    check_choice,
-    check_positive,
 )
 from brainage_core.explain.noise.perturbations import perturb
-
-#: Accepted values of the ``target`` parameter.
-TARGETS = ("prediction", "age")
+from brainage_core.explain.noise.settings import NoiseSettings, resolve_settings
 
 
 def as_dataset(data: Any, name: str = "data") -> Dataset:
@@ -72,33 +68,36 @@ def epoch_generator(seed: int, epoch: int, stream: int, device: torch.device) ->
 
 
 class NoiseObjective:
-    """The U-Noise objective shared by the amortised and the per-subject explainers."""
+    """The U-Noise objective shared by the amortised and the per-subject explainers.
+
+    Parameters
+    ----------
+    predictor : torch.nn.Module
+        Trained model mapping images ``(N, 1, X, Y, Z)`` to predictions ``(N,)``; frozen
+        while explaining, its weights never change.
+    settings : NoiseSettings or None, default=None
+        The objective (lambda, noise scale, target, seed). None builds it from the keyword
+        arguments ``**noise`` (``lam=``, ``s_min=``, ``s_max=``, ``target=``, ``seed=``),
+        or takes the defaults.
+    mask : array-like of bool or None, default=None
+        Brain mask on the image grid; noise is applied, and the regulariser averaged,
+        only inside it. None means every voxel.
+    """
 
     def __init__(
         self,
         predictor: nn.Module,
+        settings: NoiseSettings | None = None,
         *,
         mask: Any = None,
-        lam: float = 1.0,
-        s_min: float = 0.0,
-        s_max: float = 1.0,
-        target: str = "prediction",
-        seed: int = 0,
+        **noise: Any,
     ) -> None:
         if not isinstance(predictor, nn.Module):
             raise BrainAgeInputError(
                 f"'predictor' must be a torch.nn.Module; {type(predictor).__name__} was provided."
             )
         self.predictor = predictor
-        self.lam = float(check_positive("lam", lam, allow_zero=True))
-        self.s_min = float(check_positive("s_min", s_min, allow_zero=True))
-        self.s_max = float(check_positive("s_max", s_max))
-        if self.s_max < self.s_min:
-            raise BrainAgeInputError(
-                f"'s_max' must be at least 's_min' ({self.s_min}); {s_max!r} was provided."
-            )
-        self.target = check_choice("target", target, TARGETS)
-        self.seed = int(seed)
+        self.noise = resolve_settings(settings, noise)
         self.device = model_device(predictor)
         self._mask_input = mask
         self._mask: torch.Tensor | None = None
@@ -109,7 +108,7 @@ class NoiseObjective:
         return self._mask
 
     def _targets(self, x: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
-        if self.target == "prediction":
+        if self.noise.target == "prediction":
             with torch.no_grad():
                 return predict_batch(self.predictor, x)
         if torch.isnan(ages).any():
@@ -129,7 +128,7 @@ class NoiseObjective:
         """Per-image task loss, per-image regulariser and B; summed by the caller."""
         mask = self._brain_mask(tuple(x.shape[2:]))
         b = torch.sigmoid(logits)
-        x_noisy = perturb(x, b, mask, self.s_min, self.s_max, generator)
+        x_noisy = perturb(x, b, mask, self.noise.s_min, self.noise.s_max, generator)
         task = (predict_batch(self.predictor, x_noisy) - targets).abs()
         log_b = F.logsigmoid(logits)
         reg = -(log_b * mask).flatten(1).sum(1) / mask.sum()

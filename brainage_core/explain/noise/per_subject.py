@@ -14,6 +14,7 @@ from brainage_core._utils.validation import (
     check_positive,
 )
 from brainage_core.explain.noise.objective import NoiseObjective, check_inputs, epoch_generator
+from brainage_core.explain.noise.settings import NoiseSettings
 
 
 # -- the per-subject explainer ----------------------------------------------------------------
@@ -28,39 +29,44 @@ class PerSubjectNoiseMap(NoiseObjective):
     ----------
     predictor : torch.nn.Module
         Model mapping ``(N, 1, X, Y, Z)`` to ``(N,)``; frozen while explaining.
-    mask, lam, s_min, s_max, target, seed
-        As for :class:`NoiseMapExplainer`.
+    settings : NoiseSettings or None, default=None
+        The objective, the same object as the amortised model's (None: from ``**noise``).
+    mask : array-like of bool or None, default=None
+        As for :class:`~brainage_core.explain.noise.amortised.NoiseMapExplainer`.
     steps : int, default=100
         Optimisation steps per image.
     lr : float, default=0.1
         Adam learning rate on the logits.
     init_logit : float, default=0.0
         Starting logit of B everywhere.
+    **noise
+        Fields of :class:`~brainage_core.explain.noise.settings.NoiseSettings`, when
+        ``settings`` is None.
     """
 
     def __init__(
         self,
         predictor: nn.Module,
+        settings: NoiseSettings | None = None,
         *,
         mask: Any = None,
-        lam: float = 1.0,
-        s_min: float = 0.0,
-        s_max: float = 1.0,
-        target: str = "prediction",
         steps: int = 100,
         lr: float = 0.1,
         init_logit: float = 0.0,
-        seed: int = 0,
+        **noise: Any,
     ) -> None:
-        super().__init__(
-            predictor, mask=mask, lam=lam, s_min=s_min, s_max=s_max, target=target, seed=seed
-        )
+        super().__init__(predictor, settings, mask=mask, **noise)
         self.steps = int(check_positive("steps", steps, integer=True))
         self.lr = float(check_positive("lr", lr))
         self.init_logit = float(init_logit)
 
     def attribute(
-        self, inputs: torch.Tensor, ages: torch.Tensor | None = None, *, progress: bool = False
+        self,
+        inputs: torch.Tensor,
+        ages: torch.Tensor | None = None,
+        *,
+        batch_size: int | None = None,
+        progress: bool = False,
     ) -> torch.Tensor:
         """Optimise one map per image and return the importance ``1 - B``.
 
@@ -71,6 +77,8 @@ class PerSubjectNoiseMap(NoiseObjective):
             the loss is a sum over images, each map is the same as if optimised alone.
         ages : torch.Tensor of shape (N,) or None, default=None
             True ages; required when ``target="age"``.
+        batch_size : int or None, default=None
+            Images optimised together (bounds the memory); None optimises all at once.
         progress : bool, default=False
             Show a tqdm progress bar over the optimisation steps.
 
@@ -81,6 +89,17 @@ class PerSubjectNoiseMap(NoiseObjective):
         """
         x = check_inputs(inputs).to(self.device)
         n = x.shape[0]
+        if batch_size is not None and n > check_positive("batch_size", batch_size, integer=True):
+            ages_list = [None] * n if ages is None else torch.as_tensor(ages).reshape(-1)
+            parts = [
+                self.attribute(
+                    x[i : i + batch_size],
+                    None if ages is None else ages_list[i : i + batch_size],
+                    progress=progress,
+                )
+                for i in range(0, n, batch_size)
+            ]
+            return torch.cat(parts).to(torch.as_tensor(inputs).device).reshape(inputs.shape)
         ages_t = (
             torch.full((n,), float("nan"))
             if ages is None
@@ -88,7 +107,7 @@ class PerSubjectNoiseMap(NoiseObjective):
         )
         if ages_t.shape[0] != n:
             raise BrainAgeInputError(f"'ages' must hold {n} values; {ages_t.shape[0]} given.")
-        gen = epoch_generator(self.seed, 0, 3, self.device)
+        gen = epoch_generator(self.noise.seed, 0, 3, self.device)
         logits = torch.full_like(x, self.init_logit, requires_grad=True)
         optimiser = torch.optim.Adam([logits], lr=self.lr)
         with frozen(self.predictor):
@@ -98,7 +117,7 @@ class PerSubjectNoiseMap(NoiseObjective):
             )
             for _ in bar:
                 task, reg, _b = self._loss(x, logits, targets, gen)
-                loss = (task + self.lam * reg).sum()
+                loss = (task + self.noise.lam * reg).sum()
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
