@@ -362,6 +362,8 @@ def _remove_superseded_partials(cache_dir: Path, key: str, params: dict[str, Any
     sources or grids are left alone (they may still be resumed), and so is one that
     another process is working on.
     """
+    if not params["source"].get("source_root"):
+        return  # a manifest built by hand: nothing tells its partials apart
     for other in sorted(cache_dir.glob("*.partial")):
         if other.name == f"{key}.partial" or not other.is_dir():
             continue
