@@ -11,8 +11,10 @@ generator, the cache preparation). Its workers
   (:func:`brainage_core._utils.locks.release_inherited_locks`);
 - ignore Ctrl-C: the parent receives it and stops them.
 
-An error or an interrupt in the parent terminates the workers at once instead of
-waiting for the tasks in flight.
+An error or an interrupt in the parent cancels the tasks not yet started and waits only
+for the few in flight (one per worker). Terminating workers in the middle of a task
+could leave half a result in the pool's pipe, on which the executor's own thread would
+then wait forever; a second Ctrl-C during that wait does terminate them.
 """
 
 from __future__ import annotations
@@ -63,8 +65,8 @@ def process_pool(
     Yields
     ------
     concurrent.futures.ProcessPoolExecutor
-        Shut down on exit: after the pending tasks on success; at once, workers
-        terminated, on an error or an interrupt.
+        Shut down on exit: after the pending tasks on success; after the tasks in flight
+        only (the others cancelled) on an error or an interrupt.
     """
     executor = cf.ProcessPoolExecutor(
         max_workers=n_jobs,
@@ -75,13 +77,19 @@ def process_pool(
     try:
         yield executor
     except BaseException:
-        terminate_pool(executor)
+        try:
+            executor.shutdown(wait=True, cancel_futures=True)
+        except BaseException:  # a second Ctrl-C: stop waiting
+            terminate_pool(executor)
         raise
     executor.shutdown(wait=True)
 
 
 def terminate_pool(executor: cf.ProcessPoolExecutor) -> None:
-    """Cancel the pending tasks and terminate the workers without waiting for them."""
+    """Cancel the pending tasks and terminate the workers without waiting for them.
+
+    Only for a caller that gives up on the pool for good (see the module docstring).
+    """
     processes = list((getattr(executor, "_processes", None) or {}).values())
     executor.shutdown(wait=False, cancel_futures=True)
     for process in processes:

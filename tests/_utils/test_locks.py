@@ -173,14 +173,14 @@ def test_workers_die_with_a_killed_parent_and_never_hold_its_lock(tmp_path: Path
     assert wait_gone(workers, 3.0), "workers outlived their killed parent"
 
 
-def test_an_error_in_the_pool_stops_the_workers_at_once() -> None:
+def test_an_error_in_the_pool_cancels_the_pending_tasks_and_stops_the_workers() -> None:
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="stop"), process_pool(2) as pool:
-        futures = [pool.submit(_sleep, 30) for _ in range(4)]
+        futures = [pool.submit(_sleep, 1.0) for _ in range(40)]
         time.sleep(0.5)
         workers = children(os.getpid())
         assert len(workers) == 2
         raise RuntimeError("stop")
-    assert time.monotonic() - start < 10
-    assert all(f.cancelled() or f.done() for f in futures)
+    assert time.monotonic() - start < 10  # 40 tasks would take 20 s: only those in flight ran
+    assert sum(f.cancelled() for f in futures) >= 30 and all(f.done() for f in futures)
     assert wait_gone(workers, 3.0)

@@ -7,13 +7,14 @@ import multiprocessing
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from helpers.cli import one_error_line
-from helpers.data import RES, t1w_path, truncate_gzip
+from helpers.data import RES, make_bids, t1w_path, truncate_gzip
 
 from brainage_core._utils.validation import BrainAgeInputError
 from brainage_core.cli import main
@@ -228,3 +229,18 @@ def test_a_superseded_partial_is_removed_with_a_notice(tiny_bids, tmp_path, caps
     )
     assert not stale.exists() and other.exists()
     assert sorted(p.name for p in out.glob("*.partial")) == [other.name]
+
+
+def test_a_bad_image_with_2_workers_ends_the_process(tmp_path: Path) -> None:
+    """A fresh interpreter: stopping the pool on the error must not hang its exit."""
+    bids = make_bids(tmp_path / "bids", n=12)
+    truncate_gzip(t1w_path(bids, "sub-05"))
+    code = "import sys; from brainage_core.cli import main; sys.exit(main(sys.argv[1:]))"
+    args = [sys.executable, "-c", code, "prepare", "--bids", str(bids), "--out",
+            str(tmp_path / "c"), "--resolution", str(RES), "--n-jobs", "2", "--no-progress"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("brainage-study prepare: error: ")
+    assert "participant 'sub-05'" in lines[0] and "truncated or corrupt" in lines[0]
