@@ -27,6 +27,7 @@ from captum.attr import (
 )
 from torch import nn
 
+from brainage_core._utils.docs import fill_doc
 from brainage_core._utils.torch import as_mask, frozen, model_device, predict_batch
 from brainage_core._utils.validation import BrainAgeInputError, check_choice, check_positive
 
@@ -116,22 +117,20 @@ class _ScalarOutput(nn.Module):
         return predict_batch(self.predictor, x)
 
 
+@fill_doc
 class CaptumExplainer:
     """A captum attribution method with the importance-map surface.
 
     Parameters
     ----------
-    predictor : torch.nn.Module
-        Model mapping ``(N, 1, X, Y, Z)`` to ``(N,)``. It is put in eval mode with frozen
-        weights while attributing, and restored afterwards.
+    %(predictor)s
     method : str, default="saliency"
         A name in :data:`CAPTUM_METHODS`: "saliency", "integrated_gradients",
         "input_x_gradient", "guided_backprop" or "occlusion" (captum's
         :class:`~captum.attr.Saliency`, :class:`~captum.attr.IntegratedGradients`,
         :class:`~captum.attr.InputXGradient`, :class:`~captum.attr.GuidedBackprop` and
         :class:`~captum.attr.Occlusion`).
-    mask : array-like of bool or None, default=None
-        Brain mask; importance is set to zero outside it. None keeps every voxel.
+    %(mask)s
     absolute : bool, default=True
         Return the magnitude of the attributions (importance regardless of sign).
     n_steps : int, default=32

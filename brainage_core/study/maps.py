@@ -19,7 +19,7 @@ from brainage_core._utils.validation import (
     check_positive,
 )
 from brainage_core.analysis.truth import GridTruth, truth_on_cohort_grid
-from brainage_core.explain.captum import METHODS
+from brainage_core.explain.captum import CAPTUM_METHODS
 from brainage_core.explain.noise.settings import NoiseSettings
 from brainage_core.explain.noise.settings import field_names as noise_field_names
 from brainage_core.study.rundir import RunDir
@@ -77,7 +77,7 @@ class MapsConfig:
         Length of the ranked list stored in ``metrics.json`` under ``regions.top``.
     baselines : list of str, default=["saliency", "integrated_gradients"]
         captum methods compared with the noise maps (see
-        :data:`brainage_core.explain.captum.METHODS`).
+        :data:`brainage_core.explain.captum.CAPTUM_METHODS`).
     ig_steps : int, default=16
         Integration steps of integrated gradients.
     compare_subjects : int, default=8
@@ -169,7 +169,7 @@ class MapsConfig:
                 f"'maps.baselines' must be a list; {self.baselines!r} was provided."
             )
         for method in self.baselines:
-            check_choice("maps.baselines", method, METHODS)
+            check_choice("maps.baselines", method, tuple(CAPTUM_METHODS))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, *, seed: int | None = None) -> MapsConfig:

@@ -43,6 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from brainage_core._utils.docs import fill_doc
 from brainage_core._utils.io import atomic_path
 from brainage_core._utils.torch import frozen, predict_batch
 from brainage_core._utils.validation import (
@@ -65,23 +66,19 @@ CHECKPOINT_VERSION = 2
 
 
 # -- the amortised explainer -----------------------------------------------------------------
+@fill_doc
 class NoiseMapExplainer(NoiseObjective):
     """Amortised noise-model importance maps (U-Noise for regression).
 
     Parameters
     ----------
-    predictor : torch.nn.Module
-        Trained model mapping images ``(N, 1, X, Y, Z)`` to predictions ``(N,)``. It is
-        frozen (eval mode, no weight gradients) while the noise model trains or explains,
-        and restored afterwards; its weights are never changed.
+    %(predictor)s
     settings : NoiseSettings or None, default=None
         The objective: lambda, noise scale, target and seed
         (:class:`~brainage_core.explain.noise.settings.NoiseSettings`). None builds it from
         the keyword arguments ``**noise`` (``lam=3.0`` is shorthand for
         ``NoiseSettings(lam=3.0)``).
-    mask : array-like of bool or None, default=None
-        Brain mask on the image grid; noise is applied, and the regulariser averaged,
-        only inside it. None means every voxel.
+    %(mask)s
     channels, depth : int, default=8, 2
         Width and depth of the :class:`~brainage_core.models.unet.UNet3D` noise model.
     downsample : int, default=1

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
+from brainage_core._utils.docs import fill_doc
 from brainage_core._utils.torch import as_mask, model_device, predict_batch
 from brainage_core._utils.validation import (
     BrainAgeInputError,
@@ -67,21 +68,18 @@ def epoch_generator(seed: int, epoch: int, stream: int, device: torch.device) ->
     return gen
 
 
+@fill_doc
 class NoiseObjective:
     """The U-Noise objective shared by the amortised and the per-subject explainers.
 
     Parameters
     ----------
-    predictor : torch.nn.Module
-        Trained model mapping images ``(N, 1, X, Y, Z)`` to predictions ``(N,)``; frozen
-        while explaining, its weights never change.
+    %(predictor)s
     settings : NoiseSettings or None, default=None
         The objective (lambda, noise scale, target, seed). None builds it from the keyword
         arguments ``**noise`` (``lam=``, ``s_min=``, ``s_max=``, ``target=``, ``seed=``),
         or takes the defaults.
-    mask : array-like of bool or None, default=None
-        Brain mask on the image grid; noise is applied, and the regulariser averaged,
-        only inside it. None means every voxel.
+    %(mask)s
     """
 
     def __init__(

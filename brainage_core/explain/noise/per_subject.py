@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from brainage_core._utils.docs import fill_doc
 from brainage_core._utils.torch import frozen
 from brainage_core._utils.validation import (
     BrainAgeInputError,
@@ -18,6 +19,7 @@ from brainage_core.explain.noise.settings import NoiseSettings
 
 
 # -- the per-subject explainer ----------------------------------------------------------------
+@fill_doc
 class PerSubjectNoiseMap(NoiseObjective):
     """Noise maps optimised directly for each image (meaningful-perturbation style).
 
@@ -27,12 +29,10 @@ class PerSubjectNoiseMap(NoiseObjective):
 
     Parameters
     ----------
-    predictor : torch.nn.Module
-        Model mapping ``(N, 1, X, Y, Z)`` to ``(N,)``; frozen while explaining.
+    %(predictor)s
     settings : NoiseSettings or None, default=None
         The objective, the same object as the amortised model's (None: from ``**noise``).
-    mask : array-like of bool or None, default=None
-        As for :class:`~brainage_core.explain.noise.amortised.NoiseMapExplainer`.
+    %(mask)s
     steps : int, default=100
         Optimisation steps per image.
     lr : float, default=0.1
