@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from brainage_core._utils.docs import fill_doc
 from brainage_core.study import average, explain, maps
 from brainage_core.study.config import load_config
 from brainage_core.study.maps import MapsConfig
@@ -104,14 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@fill_doc
 def run(args: Any = None) -> dict[str, Any]:
     """Run the benchmark, print its figures and return them.
 
     Parameters
     ----------
-    args : argparse.Namespace, list of str or None, default=None
-        A namespace from ``brainage-study bench`` (its ``extra`` list holds this
-        benchmark's arguments), a list of command-line strings, or None for defaults.
+    %(bench_args)s
 
     Returns
     -------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import pandas as pd
 
@@ -74,6 +75,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--oasis",
         action="store_true",
         help="download the OASIS-1 VBM grey-matter maps with nilearn (needs network)",
+    )
+    parser.add_argument(
+        "--session",
+        default="first",
+        help="BIDS sessions that enter: first (default), last, all (one row per session, "
+        "split by subject) or a session label",
+    )
+    parser.add_argument(
+        "--run",
+        default="first",
+        help="BIDS runs of a session that enter: first (default), last, all or a run index",
     )
     parser.add_argument(
         "--out",
@@ -159,7 +171,13 @@ def run(args: argparse.Namespace) -> int:
     check_age_range(list(args.age_range), "--age-range")
     check_output_folder(args.out, "--out")
     if args.bids:
-        manifest = load_bids(args.bids)
+        manifest = load_bids(args.bids, session=args.session, run=args.run,
+                             database_dir=Path(args.out) / "bids_index", validate=True)
+        found = manifest.attrs["metadata"]["bids_validation"]
+        print(f"BIDS validation ({found['tool']}): {found['n_errors']} error(s), "
+              f"{found['n_warnings']} warning(s)")
+        for issue in found["issues"]:
+            print(f"  {issue}")
     elif args.csv:
         manifest = load_csv(args.csv)
     else:

@@ -577,7 +577,9 @@ def _publish(
         os.replace(compact_path, images_path)
 
     table = manifest.loc[ok].reset_index(drop=True).copy()
-    table["split"] = make_splits(table["age"].to_numpy(), params["split_fractions"], params["seed"])
+    # rows of one subject (sessions, runs) share a split
+    table["split"] = make_splits(table["age"].to_numpy(), params["split_fractions"],
+                                 params["seed"], groups=table["participant_id"].to_numpy())
     write_table(partial / "table.tsv", table)
     write_table(partial / "skipped.tsv", skipped)
     np.save(partial / "mask.npy", np.asarray(template.mask, dtype=bool))

@@ -24,6 +24,7 @@ from brainage_core._utils.validation import BrainAgeInputError, check_choice, ch
 from brainage_core.data.cache import PreparedCohort, prepare_cohort
 from brainage_core.data.manifest import AGE_RANGE, ON_ERROR_CHOICES, check_age_range
 from brainage_core.data.sources import SOURCES, SourceRequest
+from brainage_core.data.sources.bids import BidsSelection
 from brainage_core.data.splits import check_split_fractions
 from brainage_core.data.template import SUPPORTED_RESOLUTIONS
 
@@ -35,6 +36,7 @@ DATA_DEFAULTS: dict[str, Any] = {
     "cache_dir": ".cache/brainage",
     "on_error": "raise",
     "split_fractions": [0.7, 0.15, 0.15],
+    "bids": {},
     "age_range": list(AGE_RANGE),
     "synthetic": {},
 }
@@ -93,6 +95,9 @@ def resolve_data_config(data_config: Mapping[str, Any]) -> dict[str, Any]:
             f"'data.path' is required with data.source={cfg['source']!r}: give the BIDS "
             "root or the CSV manifest, e.g. -p data.path /data/my_study"
         )
+    if not isinstance(cfg["bids"], Mapping):
+        raise BrainAgeInputError(f"'data.bids' must be a mapping; {cfg['bids']!r} was provided.")
+    cfg["bids"] = BidsSelection.from_dict(cfg["bids"]).to_dict()
     if not isinstance(cfg["synthetic"], Mapping):
         raise BrainAgeInputError(
             f"'data.synthetic' must be a mapping; {cfg['synthetic']!r} was provided."
@@ -110,6 +115,8 @@ def load_cohort(
     data_config : mapping
         The config's ``data`` section: ``source`` ("synthetic", "bids", "csv" or
         "oasis"), ``path`` (BIDS root, CSV manifest, or nilearn data folder for OASIS),
+        ``bids`` (``session`` and ``run``: which images of a BIDS folder enter, see
+        :class:`brainage_core.data.sources.bids.BidsSelection`),
         ``resolution`` (cache grid, mm), ``cache_dir`` (relative to the current
         directory), ``on_error`` ("raise" or "skip"), ``split_fractions``,
         ``age_range`` (plausible ages, default [0, 120]) and ``synthetic``
@@ -132,6 +139,7 @@ def load_cohort(
         path=cfg["path"],
         cache_dir=cache_dir,
         synthetic=cfg["synthetic"],
+        bids=cfg["bids"],
         n_jobs=n_jobs,
         progress=progress,
     )

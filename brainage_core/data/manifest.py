@@ -70,8 +70,9 @@ def find_manifest_problems(
 
     Checks, per row: a missing participant id, a participant of a BIDS folder not
     listed in its ``participants.tsv``, a missing or non-numeric age, an age outside
-    ``age_range``, a duplicate participant (the later rows), a missing path and a path
-    that does not exist.
+    ``age_range``, a duplicate participant (the later rows; with ``session``/``run``
+    columns, a duplicate subject, session and run), a missing path and a path that does
+    not exist.
 
     Parameters
     ----------
@@ -92,14 +93,16 @@ def find_manifest_problems(
     listing = manifest.attrs.get("participants_file", "participants.tsv")
     problems = []
     seen: set[str] = set()
+    labels = image_labels(manifest)
     for row, rec in enumerate(manifest.itertuples(index=False)):
         pid = rec.participant_id
         path = rec.path
         reason = None
         if pd.isna(pid) or str(pid).strip() == "":
             reason = "missing participant_id"
-        elif str(pid) in seen:
-            reason = f"duplicate participant {pid!r}"
+        elif labels[row] in seen:
+            reason = (f"duplicate participant {pid!r}" if labels[row] == str(pid)
+                      else f"duplicate image {labels[row]!r}")
         else:
             age = pd.to_numeric(pd.Series([rec.age]), errors="coerce").iloc[0]
             if pd.isna(rec.age) and str(pid) in unlisted:
@@ -118,7 +121,7 @@ def find_manifest_problems(
             elif not Path(str(path)).is_file():
                 reason = "image file does not exist"
         if not (pd.isna(pid) or str(pid).strip() == ""):
-            seen.add(str(pid))
+            seen.add(labels[row])
         if reason is not None:
             problems.append(
                 {
@@ -191,6 +194,26 @@ def validate_manifest(
     return clean
 
 
+def image_labels(table: pd.DataFrame) -> list[str]:
+    """The key of each row: ``sub-<label>[_ses-<label>][_run-<index>]``.
+
+    The participant id alone when the table has no ``session`` and ``run`` columns (or
+    they are empty), so that cross-sectional cohorts keep their participant ids as keys.
+    Used for per-image file names (maps) and the uniqueness check.
+    """
+    ids = ["" if pd.isna(p) else str(p) for p in table["participant_id"]]
+    for column in ("session", "run"):
+        if column not in table.columns:
+            continue
+        prefix = "ses-" if column == "session" else "run-"
+        ids = [
+            key if pd.isna(v) or str(v) == "" else
+            f"{key}_{v if str(v).startswith(prefix) else prefix + str(v)}"
+            for key, v in zip(ids, table[column], strict=True)
+        ]
+    return ids
+
+
 def normalise_sex(value: Any) -> str | None:
     """Map a sex code to ``"M"``/``"F"`` (None when missing or not recognised)."""
     if value is None or (not isinstance(value, str) and pd.isna(value)):
@@ -253,7 +276,7 @@ def read_table(path: Path, sep: str) -> pd.DataFrame:
 
 
 def lower_known_columns(columns: pd.Index) -> dict[str, str]:
-    known = {c: c for c in (*MANIFEST_COLUMNS, "session")}
+    known = {c: c for c in (*MANIFEST_COLUMNS, "session", "run")}
     return {c: known[c.lower()] for c in columns if isinstance(c, str) and c.lower() in known}
 
 

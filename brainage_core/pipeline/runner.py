@@ -555,6 +555,9 @@ def _run_steps(
     names = {s.name for s in steps}
     state["steps"] = {k: v for k, v in state["steps"].items() if k in names}
     _save_state(run, state)
+    from brainage_core.study.derivatives import write_derivatives
+
+    log(f"BIDS-Derivatives view: {write_derivatives(root)}")
     return result
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 
 from brainage_core._utils.locks import file_lock
 from brainage_core.data.sources.base import DataSource, SourceRequest
-from brainage_core.data.sources.bids import load_bids
+from brainage_core.data.sources.bids import BIDS_INDEX_DIR, load_bids
 
 
 def ensure_synthetic_cohort(
@@ -93,7 +93,7 @@ def _manifest(request: SourceRequest) -> pd.DataFrame:
         n_jobs=request.n_jobs,
         progress=request.progress,
     )
-    return load_bids(root)
+    return load_bids(root, database_dir=request.cache_dir / BIDS_INDEX_DIR)
 
 
 SOURCE = DataSource(
