@@ -13,6 +13,7 @@ through the same path as real data: a BIDS folder read by
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import pandas as pd
 
 from brainage_core._utils.validation import BrainAgeInputError, check_choice, check_positive
 from brainage_core.data.cache import PreparedCohort, prepare_cohort
-from brainage_core.data.manifest import ON_ERROR_CHOICES
+from brainage_core.data.manifest import AGE_RANGE, ON_ERROR_CHOICES, check_age_range
 from brainage_core.data.sources import SOURCES, SourceRequest
 from brainage_core.data.sources.bids import BidsSelection
 from brainage_core.data.splits import check_split_fractions
@@ -36,6 +37,7 @@ DATA_DEFAULTS: dict[str, Any] = {
     "on_error": "raise",
     "split_fractions": [0.7, 0.15, 0.15],
     "bids": {},
+    "age_range": list(AGE_RANGE),
     "synthetic": {},
 }
 
@@ -78,6 +80,13 @@ def resolve_data_config(data_config: Mapping[str, Any]) -> dict[str, Any]:
     cfg = {**DATA_DEFAULTS, **{k: v for k, v in data_config.items() if v is not None}}
     cfg["path"] = data_config.get("path")
     check_choice("data.source", cfg["source"], tuple(SOURCES))
+    for key in ("cache_dir", "path"):
+        value = cfg[key]
+        if value is not None and (not isinstance(value, (str, os.PathLike)) or value == ""):
+            raise BrainAgeInputError(
+                f"'data.{key}' must be a folder or file path (text); {value!r} was provided."
+            )
+    cfg["age_range"] = list(check_age_range(cfg["age_range"], "data.age_range"))
     check_choice("data.resolution", cfg["resolution"], SUPPORTED_RESOLUTIONS)
     check_choice("data.on_error", cfg["on_error"], ON_ERROR_CHOICES)
     cfg["split_fractions"] = list(check_split_fractions(cfg["split_fractions"]))
@@ -109,8 +118,9 @@ def load_cohort(
         ``bids`` (``session`` and ``run``: which images of a BIDS folder enter, see
         :class:`brainage_core.data.sources.bids.BidsSelection`),
         ``resolution`` (cache grid, mm), ``cache_dir`` (relative to the current
-        directory), ``on_error`` ("raise" or "skip"), ``split_fractions`` and
-        ``synthetic`` (:class:`brainage_core.data.synth.config.SynthConfig` fields).
+        directory), ``on_error`` ("raise" or "skip"), ``split_fractions``,
+        ``age_range`` (plausible ages, default [0, 120]) and ``synthetic``
+        (:class:`brainage_core.data.synth.config.SynthConfig` fields).
     progress : bool, default=True
         Show progress bars.
     n_jobs : int, default=2
@@ -143,6 +153,7 @@ def load_cohort(
         seed=SPLIT_SEED,
         n_jobs=n_jobs,
         progress=progress,
+        age_range=cfg["age_range"],
     )
 
 

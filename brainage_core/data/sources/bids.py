@@ -170,8 +170,9 @@ def load_bids(
         participant of ``participants.tsv`` without any image (empty ``path``). Rows
         carry ``session`` (with ``age_source``: "sessions.tsv" or "participants.tsv")
         and ``run`` when the dataset has them. An image of a subject missing from
-        ``participants.tsv`` gets a missing ``age``: :func:`validate_manifest` reports
-        both. ``manifest.attrs["metadata"]`` holds the source description (``source``,
+        ``participants.tsv`` gets a missing ``age`` (the subject is listed in
+        ``attrs["unlisted"]``): :func:`validate_manifest` reports both.
+        ``manifest.attrs["metadata"]`` holds the source description (``source``,
         ``source_root``, ``bids_selection``, and ``oracle_mae`` for a synthetic cohort).
         Without a ``site`` column, the site is the dataset's ``Name``
         (dataset_description.json) or else the folder's name.
@@ -200,6 +201,7 @@ def load_bids(
 
     images = select_images(index_t1w(root, database_dir=database_dir), session=session, run=run)
     listed = set(participants["participant_id"].dropna())
+    unlisted = sorted(set(images["participant_id"]) - listed)
     without_image = sorted(listed - set(images["participant_id"]))
     rows = pd.concat(
         [images, pd.DataFrame({"participant_id": without_image, "path": ""})], ignore_index=True
@@ -228,6 +230,8 @@ def load_bids(
         table["site"] = metadata.get("dataset_name") or root.name
     manifest = to_manifest(table)
     manifest.attrs["metadata"] = metadata
+    manifest.attrs["unlisted"] = unlisted
+    manifest.attrs["participants_file"] = str(tsv)
     return manifest
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from brainage_core.data.cache import file_lock
+from brainage_core._utils.locks import file_lock
 from brainage_core.data.sources.base import DataSource, SourceRequest
 from brainage_core.data.sources.bids import BIDS_INDEX_DIR, load_bids
 
@@ -60,7 +60,7 @@ def ensure_synthetic_cohort(
     if (final / "dataset_description.json").is_file():
         return final
     out_root.mkdir(parents=True, exist_ok=True)
-    with file_lock(out_root / f"{key}.lock"):
+    with file_lock(out_root / f"{key}.lock", what="this synthetic cohort"):
         if (final / "dataset_description.json").is_file():
             return final
         partial = out_root / f"{key}.partial"
