@@ -32,6 +32,10 @@ from typing import Any
 DEFAULT_N = 1000
 DEFAULT_RESOLUTION = 2
 
+#: Goals of the generator at 2 mm (issue 11): seconds per subject with 2 workers, and the
+#: peak RAM of the main process.
+GOALS = {"generate_s_per_subject": 1.0, "generate_peak_rss_main_mb": 1536.0}
+
 _RESULT_TAG = "BENCH-DATA-PHASE "
 
 
@@ -207,6 +211,9 @@ def _print(r: dict[str, Any]) -> None:
         f"({r['cache_apparent_mb']:.0f} MB apparent)",
         f"second preparation (cache hit): {r['prepare_cache_hit_s']:.2f} s",
     ]
+    for key, goal in GOALS.items():
+        ok = r[key] <= goal
+        lines.append(f"goal {key} <= {goal:g}: {r[key]:.3f} ({'met' if ok else 'NOT met'})")
     print("\n".join(lines), flush=True)
 
 

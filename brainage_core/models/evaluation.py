@@ -2,9 +2,19 @@
 
 The brain-age gap is ``predicted - age``. Because regression towards the mean makes it
 depend on age, it is also reported bias-corrected: fit ``(pred - age) = a * age + b`` on the
-validation subjects, then ``gap_corrected = pred - (a * age + b) - age`` everywhere. The
-uncorrected MAE is always reported beside the corrected one (bias correction uses the true
-age, so the corrected MAE flatters a model).
+validation subjects, then ``gap_corrected = pred - (a * age + b) - age`` everywhere.
+
+The correction uses the true age, so the mean absolute corrected gap is **not an accuracy**:
+a model that predicts one constant age has a slope ``a`` of -1, and its "corrected" gap is
+then nearly zero. ``metrics.json`` therefore keeps it under the name
+``test_corrected_gap_mean_abs`` (the old name ``test_mae_corrected`` is gone), always
+beside the uncorrected ``test_mae``, with the slope ``bias_slope`` and the flag
+``bias_slope_near_minus_one`` (slope below :data:`CONSTANT_SLOPE`).
+
+**Did the predictor learn?** :func:`prediction_metrics` compares the validation MAE with the
+MAE of predicting the training subjects' mean age for every validation subject; a predictor
+whose MAE is not below :data:`LEARNED_MARGIN` times that reference is recorded as
+``learned: false``, and :func:`learning_warning` says so in words.
 
 On a synthetic cohort the planted truth gives three more figures: the oracle MAE (the
 irreducible error of the generator), the correlation of the corrected gap with the true
@@ -27,6 +37,14 @@ from torch.utils.data import DataLoader, Dataset
 from brainage_core._utils.validation import BrainAgeInputError
 from brainage_core.data.datasets import CohortDataset
 from brainage_core.data.protocol import Cohort
+
+#: A predictor "learned" if its validation MAE is below this fraction of the MAE of
+#: predicting the training mean age.
+LEARNED_MARGIN = 0.8
+
+#: A bias slope below this value means the predictions barely depend on age (a constant
+#: predictor has slope -1): the bias-corrected gap is then meaningless.
+CONSTANT_SLOPE = -0.8
 
 
 @torch.no_grad()
@@ -252,8 +270,12 @@ def prediction_metrics(
     Returns
     -------
     dict
-        ``test_mae`` (uncorrected), ``test_mae_corrected``, ``test_rmse``, ``test_r``,
-        ``test_r2``, ``train_mae``, ``val_mae``, ``bias_slope``, ``bias_intercept``,
+        ``test_mae`` (uncorrected: the accuracy), ``test_rmse``, ``test_r``, ``test_r2``,
+        ``train_mae``, ``val_mae``, ``mean_predictor_val_mae`` (the validation MAE of
+        predicting the training mean age), ``learned`` (``val_mae`` below
+        :data:`LEARNED_MARGIN` times that), ``test_corrected_gap_mean_abs`` (mean absolute
+        bias-corrected gap: not an accuracy, see the module docstring), ``bias_slope``,
+        ``bias_intercept``, ``bias_slope_near_minus_one``,
         ``n_train``/``n_val``/``n_test`` and, where the truth is known, ``oracle_mae``,
         ``ratio_test_oracle``, ``gap_corr_true_gap``, ``gap_auc_accelerated`` (on the test
         subjects); with baseline predictions, ``baseline_mae`` and ``ratio_test_baseline``.
@@ -266,13 +288,21 @@ def prediction_metrics(
         m = regression_metrics(part["age"], part["predicted_age"])
         if split == "test":
             out.update({f"test_{k}": v for k, v in m.items()})
-            out["test_mae_corrected"] = float(np.mean(np.abs(part["gap_corrected"])))
+            out["test_corrected_gap_mean_abs"] = float(np.mean(np.abs(part["gap_corrected"])))
             out["test_gap_mean"] = float(np.mean(part["gap"]))
             out["test_gap_corrected_mean"] = float(np.mean(part["gap_corrected"]))
         else:
             out[f"{split}_mae"] = m["mae"]
+    train_mean = float(table.loc[table["split"] == "train", "age"].mean())
+    val_age = table.loc[table["split"] == "val", "age"].to_numpy(dtype=float)
+    reference = float(np.mean(np.abs(val_age - train_mean))) if val_age.size else math.nan
+    out["mean_predictor_val_mae"] = reference
+    out["learned"] = bool(
+        math.isfinite(reference) and out["val_mae"] < LEARNED_MARGIN * reference
+    )
     out["bias_slope"] = correction.slope
     out["bias_intercept"] = correction.intercept
+    out["bias_slope_near_minus_one"] = bool(correction.slope < CONSTANT_SLOPE)
     test = table[table["split"] == "test"]
     if oracle_mae is not None:
         out["oracle_mae"] = float(oracle_mae)
@@ -287,6 +317,42 @@ def prediction_metrics(
     if "group" in test:
         out["gap_auc_accelerated"] = gap_auc(test["gap_corrected"], test["group"])
     return {k: _json_number(v) for k, v in out.items()}
+
+
+def learning_warning(metrics: dict[str, Any]) -> str | None:
+    """A warning in words if the predictor did not learn, else None.
+
+    Parameters
+    ----------
+    metrics : dict
+        The ``prediction`` section of ``metrics.json`` (from :func:`prediction_metrics`).
+
+    Returns
+    -------
+    str or None
+        The warning for a run with ``learned: false`` or a bias slope near -1; None for a
+        run that learned (or an older run whose metrics lack these keys).
+    """
+    lines = []
+    if metrics.get("learned") is False:
+        lines.append(
+            f"The predictor did not learn: its validation MAE ({_years(metrics.get('val_mae'))}) "
+            f"is not below {LEARNED_MARGIN:g} x the MAE of predicting the training mean age "
+            f"({_years(metrics.get('mean_predictor_val_mae'))}). Its importance maps would "
+            "explain a model that knows nothing about age; the map steps refuse to run "
+            "unless maps.allow_untrained_predictor is true."
+        )
+    if metrics.get("bias_slope_near_minus_one"):
+        lines.append(
+            f"The bias slope is {metrics.get('bias_slope', float('nan')):.2f}, near -1: the "
+            "predictions barely depend on age, so the bias-corrected gap "
+            "(test_corrected_gap_mean_abs) says nothing about accuracy."
+        )
+    return " ".join(lines) or None
+
+
+def _years(value: Any) -> str:
+    return f"{value:.2f} y" if isinstance(value, (int, float)) else "n/a"
 
 
 def _json_number(value: Any) -> Any:

@@ -33,6 +33,7 @@ import yaml
 
 from brainage_core._utils.io import write_text
 from brainage_core._utils.validation import BrainAgeInputError
+from brainage_core.models.evaluation import learning_warning
 from brainage_core.pipeline.runner import failed_steps, load_state, python_kernel
 from brainage_core.study.config import dump_config
 from brainage_core.study.rundir import RunDir
@@ -398,8 +399,11 @@ def _results_index(run: RunDir, config: Mapping[str, Any], notebooks: list[Path]
         f"`{config.get('name')}`), executed by papermill when the run was made and published "
         "unchanged. Their figures, tables and maps come from that run; "
         "{doc}`downloads` offers its files.\n",
-        "## Headline figures\n",
     ]
+    warning = learning_warning(metrics.get("prediction") or {})
+    if warning:
+        parts.append(f"```{{warning}}\n**This run's predictor did not learn.** {warning}\n```\n")
+    parts.append("## Headline figures\n")
     if not metrics:
         parts.append("The run wrote no `metrics.json`.\n")
     for section, values in metrics.items():

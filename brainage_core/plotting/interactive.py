@@ -195,3 +195,33 @@ def slice_viewer(
 def _axis_mm(affine: np.ndarray, axis: int, n: int) -> np.ndarray:
     """World coordinates (mm) of the voxel centres along one axis of an RAS-aligned grid."""
     return np.round(affine[axis, axis] * np.arange(n) + affine[axis, 3], 2)
+
+
+def warning_box(text: str, title: str = "Warning") -> object:
+    """A warning box for a notebook's output (and the book built from it).
+
+    The HTML uses the classes of a MyST ``{warning}`` admonition, so the book's theme
+    draws it like one; in Jupyter it is a plain coloured box.
+
+    Parameters
+    ----------
+    text : str
+        The warning (plain text; HTML special characters are escaped).
+    title : str, default="Warning"
+        Its title.
+
+    Returns
+    -------
+    IPython.display.HTML
+        Display it (or make it a cell's last expression).
+    """
+    import html
+
+    from IPython.display import HTML
+
+    return HTML(
+        '<div class="admonition warning" style="border-left:4px solid #e65100;'
+        'background:#fff3e0;padding:0.6em 1em;margin:0.5em 0">'
+        f'<p class="admonition-title" style="font-weight:bold">{html.escape(title)}</p>'
+        f"<p>{html.escape(text)}</p></div>"
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,10 @@ class MapsConfig:
         effect (synthetic cohorts only; see :mod:`brainage_core.reliance`; 0 skips it).
     reliance_delta : float, default=10.0
         Years by which each effect is aged in that measurement.
+    allow_untrained_predictor : bool, default=False
+        Run the map steps even though ``metrics.json`` records that the predictor did not
+        learn (``prediction.learned: false``). Off by default: maps of a model that knows
+        nothing about age explain nothing.
     """
 
     noise: NoiseSettings = field(default_factory=NoiseSettings)
@@ -122,6 +127,7 @@ class MapsConfig:
     faithfulness_fraction: float = 0.5
     reliance_subjects: int = 16
     reliance_delta: float = 10.0
+    allow_untrained_predictor: bool = False
 
     def __post_init__(self) -> None:
         check_positive("maps.tolerance", self.tolerance, allow_zero=True)
@@ -154,10 +160,11 @@ class MapsConfig:
                 allow_zero=name in ("depth", "timing_subjects", "reliance_subjects"),
             )
         check_fraction("maps.faithfulness_fraction", self.faithfulness_fraction, allow_one=True)
-        if not isinstance(self.calibrate, bool):
-            raise BrainAgeInputError(
-                f"'maps.calibrate' must be true or false; {self.calibrate!r} was provided."
-            )
+        for name in ("calibrate", "allow_untrained_predictor"):
+            if not isinstance(getattr(self, name), bool):
+                raise BrainAgeInputError(
+                    f"'maps.{name}' must be true or false; {getattr(self, name)!r} was provided."
+                )
         if not isinstance(self.lambdas, (list, tuple)) or not self.lambdas:
             raise BrainAgeInputError(
                 f"'maps.lambdas' must be a non-empty list; {self.lambdas!r} was provided."
@@ -275,6 +282,7 @@ class MapsStudy:
         section = dict(config.get("maps") or {})
         section.update({k: v for k, v in (overrides or {}).items() if v is not None})
         settings = MapsConfig.from_dict(section, seed=config.get("seed", 0))
+        check_predictor_learned(run, settings)  # before the (slow) cohort load
         if settings.num_threads is not None:
             torch.set_num_threads(settings.num_threads)
         cohort = load_cohort(config["data"], progress=progress)
@@ -362,6 +370,41 @@ def load_truth(study: MapsStudy) -> GridTruth | None:
         return study.truth
     return truth_on_cohort_grid(study.cohort)
 
+
+def check_predictor_learned(run: RunDir, settings: MapsConfig) -> None:
+    """Refuse a predictor that did not learn, unless the settings allow it.
+
+    Parameters
+    ----------
+    run : RunDir
+        The run folder; its ``metrics.json`` ``prediction.learned`` is read (a run written
+        before that key existed passes).
+    settings : MapsConfig
+        The ``maps`` section (``allow_untrained_predictor``).
+
+    Raises
+    ------
+    BrainAgeInputError
+        Naming ``metrics.json``, if ``prediction.learned`` is false and
+        ``maps.allow_untrained_predictor`` is not true.
+    """
+    prediction = run.read_metrics().get("prediction") or {}
+    if prediction.get("learned") is not False:
+        return
+    if settings.allow_untrained_predictor:
+        warnings.warn(
+            "the predictor did not learn (metrics.json prediction.learned: false); its maps "
+            "are made only because maps.allow_untrained_predictor is true.",
+            stacklevel=2,
+        )
+        return
+    raise BrainAgeInputError(
+        f"the predictor did not learn (validation MAE {prediction.get('val_mae')} y, not below "
+        f"0.8 x {prediction.get('mean_predictor_val_mae')} y of predicting the mean age), so "
+        "its maps would explain nothing; retrain it, or set "
+        "-p maps.allow_untrained_predictor true to make them anyway.",
+        run.metrics_path,
+    )
 
 
 def truth_mask_image(run_dir: str | os.PathLike) -> nib.Nifti1Image | None:

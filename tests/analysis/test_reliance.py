@@ -115,7 +115,10 @@ def test_the_map_step_records_reliance_in_the_run(tmp_path: Path) -> None:
     assert list(written["kind"]) == list(table["kind"])
     reliance = study.run.read_metrics()["reliance"]
     assert reliance["delta_years"] == 5.0 and reliance["n_subjects"] == 2
-    assert reliance["share"]["atrophy"] > 0.8
+    # Mostly atrophy (the expanding ventricles' temporal horns move some of its voxels too).
+    assert reliance["share"]["atrophy"] > 0.7
+    assert reliance["share"]["atrophy"] > 3 * max(
+        reliance["share"]["ventricle_expansion"], reliance["share"]["cortical_thinning"])
     assert set(reliance["share"]) == {"ventricle_expansion", "atrophy", "cortical_thinning"}
     # Switched off: nothing is measured or written.
     study.settings = MapsConfig(reliance_subjects=0)

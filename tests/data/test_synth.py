@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from helpers.synth import TINY_CONFIG
+from helpers.synth import PUTAMEN_CONFIG, TINY_CONFIG
 from scipy import ndimage
 
 from brainage_core._utils.validation import BrainAgeInputError
@@ -20,7 +20,12 @@ from brainage_core.data.atlas import load_atlas
 from brainage_core.data.synth.ages import draw_participants, oracle_mae, posterior_mean_age
 from brainage_core.data.synth.cohort import generate_cohort, load_ground_truth
 from brainage_core.data.synth.config import AgeEffect, SynthConfig, default_effects
-from brainage_core.data.synth.render import AgeingModel, SubjectRenderer, SubjectSpec
+from brainage_core.data.synth.render import (
+    AgeingModel,
+    SubjectRenderer,
+    SubjectSpec,
+    block_mean,
+)
 from brainage_core.data.template import load_template
 
 
@@ -269,7 +274,7 @@ def test_age_signal_is_present_where_planted_and_absent_elsewhere(clean_cohort: 
 def test_ventricles_grow_and_tissue_darkens_with_biological_age() -> None:
     model = AgeingModel(SynthConfig(resolution=8))
     atlas = load_atlas(8)
-    wm = float(np.median(model.t1[load_template(8).wm > 0.9]))
+    wm = float(np.median(model.render(45.0)[load_template(8).wm > 0.9]))
     near_ventricles = ndimage.binary_dilation(atlas.region_mask("Lateral Ventricle"), iterations=2)
     hippocampus = atlas.region_mask("Hippocampus")
     csf_volume, hippocampus_mean = [], []
@@ -310,6 +315,79 @@ def test_ventricle_effect_survives_nuisance() -> None:
     assert np.corrcoef(ages, volumes)[0, 1] > 0.7
 
 
+def test_atrophy_shrinks_the_structure_by_the_configured_fraction() -> None:
+    """The warped hippocampal label loses ``strength * h`` of its volume; CSF fills in."""
+    effect = {"kind": "atrophy", "regions": ["Hippocampus"], "strength": 0.4, "onset": 40.0}
+    config = SynthConfig(resolution=8, render_resolution=4, effects=[effect])
+    model = AgeingModel(config)
+    young, old = model.warped_label(40.0, 0), model.warped_label(80.0, 0)  # h = 0, h = 1
+    assert old.sum() / young.sum() == pytest.approx(1 - 0.4, abs=0.02)
+    assert model.warped_label(60.0, 0).sum() / young.sum() == pytest.approx(0.8, abs=0.03)
+    # The vacated voxels darken toward CSF; voxels away from the structure do not change.
+    change = model.render_fine(80.0) - model.render_fine(40.0)
+    vacated = (young > 0.5) & (old < 0.5)
+    assert vacated.any() and change[vacated].mean() < -0.1
+    far = ~ndimage.binary_dilation(young > 0, iterations=3)
+    assert np.abs(change[far]).max() == 0.0
+
+
+def _thickness(image: np.ndarray, region: np.ndarray, model: AgeingModel) -> float:
+    """Mean grey-matter thickness (mm) in a region: twice the mean distance-transform depth."""
+    t = model.fine
+    wm_level = float(np.median(model.t1[t.wm > 0.9]))
+    gm_level = float(np.median(model.t1[(t.gm > 0.9)]))
+    csf_level = model.csf_intensity
+    grey = (image > (csf_level + gm_level) / 2) & (image < (gm_level + wm_level) / 2)
+    depth = ndimage.distance_transform_edt(grey) * t.resolution
+    return float(2 * depth[grey & region].mean())
+
+
+def test_cortical_thinning_thins_the_grey_ribbon_and_widens_the_sulci() -> None:
+    effect = {"kind": "cortical_thinning", "regions": ["Superior Frontal Gyrus"],
+              "strength": 0.5, "onset": 40.0}
+    model = AgeingModel(SynthConfig(resolution=4, render_resolution=2, effects=[effect]))
+    region = load_atlas(2).region_mask("Superior Frontal Gyrus")
+    other = load_atlas(2).region_mask("Occipital Pole")
+    ages = (40.0, 60.0, 80.0)
+    images = [model.render_fine(b) for b in ages]
+    thick = [_thickness(img, region, model) for img in images]
+    assert thick[0] > thick[1] > thick[2]
+    assert thick[2] < 0.93 * thick[0]
+    csf = [(img[region] < (model.csf_intensity + 0.5) / 2).sum() for img in images]
+    assert csf[0] < csf[1] < csf[2]  # the sulcal CSF widens
+    assert _thickness(images[2], other, model) == _thickness(images[0], other, model)
+
+
+def _planted_on_study_grid(model: AgeingModel, patterns: list[str]) -> np.ndarray:
+    """Study voxels holding any fine voxel of the planted regions.
+
+    The regions are taken on the fine grid the ageing is planted on, with slack for the
+    soft region edge (2 mm smoothing, truncated at 4 sigma) and trilinear reads.
+    """
+    fine_res = model.fine.resolution
+    slack = int(np.ceil(9.0 / fine_res))
+    fine = ndimage.binary_dilation(load_atlas(fine_res).region_mask(patterns), iterations=slack)
+    grid = np.indices(model.render_shape).reshape(3, -1)
+    idx = np.rint(model.to_fine(grid)).astype(int)
+    idx = np.clip(idx, 0, np.array(fine.shape)[:, None] - 1)
+    return block_mean(fine[tuple(idx)].reshape(model.render_shape), model.factor) > 0
+
+
+def test_continuous_truth_is_zero_where_nothing_is_planted_and_peaks_inside() -> None:
+    effects = [
+        {"kind": "atrophy", "regions": ["Putamen"], "strength": 0.5},
+        {"kind": "cortical_thinning", "regions": ["Occipital Pole"], "strength": 0.5},
+    ]
+    config = SynthConfig(resolution=8, render_resolution=4, effects=effects)
+    model = AgeingModel(config)
+    change = model.change(config.age_min, config.age_max)
+    planted = _planted_on_study_grid(model, ["Putamen", "Occipital Pole"])
+    assert change[~planted].max() < 1e-6  # nothing planted there: zero up to float error
+    assert change.max() > 0.05
+    assert planted[np.unravel_index(np.argmax(change), change.shape)]
+    assert change[planted].mean() > 0.01
+
+
 # --------------------------------------------------------------------------- ground truth
 
 
@@ -348,7 +426,8 @@ def test_ground_truth_follows_the_planted_region(putamen_cohort: Path) -> None:
     putamen = load_atlas(8).region_mask("Putamen")
     assert truth.mask.any()
     assert truth.regions == ["Left Putamen", "Right Putamen"]
-    assert not (truth.mask & ~ndimage.binary_dilation(putamen)).any()
+    model = AgeingModel(SynthConfig.from_dict(PUTAMEN_CONFIG))
+    assert not (truth.mask & ~_planted_on_study_grid(model, ["Putamen"])).any()
     assert (truth.mask & putamen).sum() >= 0.8 * putamen.sum()
     assert list(truth.effect_mask_imgs) == ["atrophy"]
 

@@ -98,7 +98,10 @@ def test_prediction_table_and_metrics_on_a_fake_cohort():
     assert m["ratio_test_oracle"] == pytest.approx(m["test_mae"])
     assert m["n_train"] + m["n_val"] + m["n_test"] == 40
     assert m["gap_corr_true_gap"] > 0.9
-    assert m["test_mae_corrected"] < m["test_mae"]
+    assert m["test_corrected_gap_mean_abs"] < m["test_mae"]
+    assert "test_mae_corrected" not in m  # never reads as an accuracy
+    assert m["learned"] is True and m["bias_slope_near_minus_one"] is False
+    assert m["val_mae"] < 0.8 * m["mean_predictor_val_mae"]
     assert "baseline_mae" not in m
     table["baseline_predicted_age"] = table["age"] - 2.0
     m = prediction_metrics(table, corr)
@@ -107,6 +110,27 @@ def test_prediction_table_and_metrics_on_a_fake_cohort():
     assert "oracle_mae" not in m
     with pytest.raises(BrainAgeInputError, match="one value per subject"):
         prediction_table(cohort, pred[:5])
+
+
+def test_a_constant_predictor_is_flagged_as_not_learned():
+    from brainage_core.models.evaluation import learning_warning
+
+    cohort = FakeCohort(n=60, seed=3)
+    age = cohort.table["age"].to_numpy()
+    rng = np.random.default_rng(0)
+    # Nearly constant predictions: the corrected gap looks excellent, the MAE does not.
+    pred = age[cohort.indices("train")].mean() + 0.05 * (age - age.mean()) + rng.normal(0, 0.3, 60)
+    table, corr = prediction_table(cohort, pred)
+    m = prediction_metrics(table, corr)
+    assert m["learned"] is False
+    assert m["bias_slope"] == pytest.approx(-0.95, abs=0.1)
+    assert m["bias_slope_near_minus_one"] is True
+    assert m["test_corrected_gap_mean_abs"] < 0.5 * m["test_mae"]
+    text = learning_warning(m)
+    assert "did not learn" in text and "near -1" in text
+    good = prediction_metrics(*prediction_table(cohort, age + rng.normal(0, 1.0, 60)))
+    assert good["learned"] is True and learning_warning(good) is None
+    assert learning_warning({"val_mae": 3.0}) is None  # an older run without the keys
 
 
 def test_prediction_figures_static_and_interactive(tmp_path):

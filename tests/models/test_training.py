@@ -38,8 +38,9 @@ def _assert_same_weights(a: dict, b: dict) -> None:
                          [("regression", 1e-2, 0.02, 0.5), ("soft_label", 1e-2, 0.05, 1.0)])
 def test_overfits_a_tiny_set(cohort, head, lr, ratio, mae):
     data = CohortDataset(cohort, indices=np.arange(8))
+    # The location-specific (flattened) head: the capacity to memorise 8 subjects.
     cfg = {**TINY, "head": head, "epochs": 150, "batch_size": 8, "learning_rate": lr,
-           "patience": 1000, "weight_decay": 0.0}
+           "patience": 1000, "weight_decay": 0.0, "pool": "flatten"}
     result = train_predictor(cfg, data, data, progress=False)
     first, last = result.history[0]["train_loss"], result.history[-1]["train_loss"]
     assert last < ratio * first
@@ -99,7 +100,8 @@ def test_training_is_deterministic(cohort):
 def test_early_stopping_keeps_the_best_epoch(cohort):
     ds = cohort_datasets(cohort, TINY)
     # A huge constant learning rate makes validation worse after the first epochs.
-    cfg = {**TINY, "epochs": 30, "patience": 2, "learning_rate": 0.5, "schedule": "constant"}
+    cfg = {**TINY, "epochs": 30, "patience": 2, "learning_rate": 0.5, "schedule": "constant",
+           "min_epochs": 0}
     result = train_predictor(cfg, ds["train"], ds["val"], progress=False)
     maes = [h["val_mae"] for h in result.history]
     assert result.stopped_early and len(maes) < 30
@@ -109,6 +111,10 @@ def test_early_stopping_keeps_the_best_epoch(cohort):
 
     mae = np.mean(np.abs(predict(result.model, ds["val"]) - ds["val"].ages.numpy()))
     assert mae == pytest.approx(min(maes), rel=1e-5)
+    # Not before min_epochs (by default half the epochs): a plateau is not the end.
+    late = train_predictor({**cfg, "epochs": 12, "min_epochs": None}, ds["train"], ds["val"],
+                           progress=False)
+    assert len(late.history) >= 6
 
 
 def test_resuming_with_other_settings_is_a_clear_error(cohort, tmp_path):

@@ -19,11 +19,20 @@ aged to a *biological* age and then given individual anatomy and scanner effects
      move toward the ventricles, so the dark ventricles grow outward and push the tissue
      around them; the flow never folds. ``m = strength * h`` is in mm: the displacement of
      the fastest-moving point, for small ``m``.
-   - ``atrophy``: tissue (grey and white matter) inside the regions is replaced by CSF
-     intensity, ``I <- I + w (c_csf - I)`` with ``w = strength * h * tissue``; ``strength``
-     is the fraction of tissue lost.
-   - ``cortical_thinning``: the same partial-volume loss toward CSF, weighted by the
-     grey-matter probability, in cortical regions.
+   - ``atrophy``: a change of shape. Each connected part of the structure shrinks about
+     its centroid by the linear scale ``(1 - m)**(1/3)`` (a deformation whose Jacobian
+     inside it is ``1 - m``: ``strength`` is the fraction of volume lost), and CSF fills
+     the space it leaves.
+   - ``cortical_thinning``: the grey-matter ribbon of the regions loses the outer fraction
+     ``m`` of its local thickness (depth and thickness from distance transforms of the
+     template's tissue maps): the pial boundary moves inward and the sulcal CSF widens.
+   - ``atrophy_intensity`` and ``cortical_thinning_intensity`` (options, not defaults):
+     the earlier generator's intensity blend toward CSF at fixed positions,
+     ``I <- I + w (c_csf - I)``, weighted by tissue (or grey-matter) probability.
+
+   The ageing lives on a fine grid (``render_resolution``, 2 mm by default): every image is
+   rendered on the study grid split into ``k**3`` sub-voxels and averaged back (partial
+   volume), so a thin effect reaches 4 mm and 8 mm grids as it would in a scanner.
 
    **Regional heterogeneity.** Regions do not age in lockstep: effect ``k`` of a subject
    is driven by its own regional age ``b_k = b + delta_k`` with ``delta_k ~ N(0,
@@ -31,10 +40,14 @@ aged to a *biological* age and then given individual anatomy and scanner effects
    information the others lack, so a predictor near the oracle must read all of them
    (with ``regional_sd = 0`` any single effect determines ``b``, and a model may read just
    the easiest one). The regional ages are ground truth, saved under ``derivatives/``.
-   The voxels whose noise-free intensity changes between ``b = age_min`` and
-   ``b = age_max`` (by more than ``ground_truth_threshold``) form the ground truth, saved
-   under ``derivatives/ground_truth/``.
-3. **Nuisance, independent of age.** A smooth random deformation (individual anatomy), head
+   The continuous ground truth is, per study voxel, the absolute noise-free intensity
+   change between ``b = age_min`` and ``b = age_max`` with every nuisance held at zero
+   (exactly zero where nothing is planted); the binary truth keeps the voxels where it
+   exceeds ``ground_truth_threshold`` (which removes the weak tails of the expansion
+   flow). Both, and one mask per effect, are saved under ``derivatives/ground_truth/``.
+3. **Nuisance, independent of age.** A multi-scale smooth random deformation (individual
+   anatomy left after affine registration: a coarse and a local component, about 6 mm
+   root-mean-square together by default), head
    size with sex as a covariate, a small rigid misregistration, a smooth multiplicative bias
    field, a contrast change (gamma), a global intensity scale and Gaussian noise. All spatial
    transforms are composed into one coordinate map and the template is resampled once
@@ -72,7 +85,13 @@ from brainage_core.data.synth.config import (
     SynthConfig,
     default_effects,
 )
-from brainage_core.data.synth.render import AgeingModel, SubjectRenderer, SubjectSpec
+from brainage_core.data.synth.render import (
+    AgeingModel,
+    SubjectRenderer,
+    SubjectSpec,
+    block_mean,
+    render_grid,
+)
 
 __all__ = [
     "AGE_SPAN",
@@ -85,6 +104,8 @@ __all__ = [
     "SubjectRenderer",
     "SubjectSpec",
     "SynthConfig",
+    "block_mean",
+    "render_grid",
     "default_effects",
     "draw_participants",
     "generate_cohort",

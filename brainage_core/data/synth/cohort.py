@@ -62,7 +62,10 @@ class GroundTruth:
     mask_img : nibabel.Nifti1Image
         Binary (uint8) mask of the voxels whose noise-free intensity changes with ``b``.
     strength_img : nibabel.Nifti1Image
-        Continuous map: absolute intensity change between ``b = age_min`` and ``age_max``.
+        Continuous truth: per study voxel, the absolute noise-free intensity change
+        between ``b = age_min`` and ``b = age_max`` with every nuisance held at zero (the
+        template's anatomy, rendered and averaged like the subjects); exactly zero where
+        nothing is planted.
     effect_mask_imgs : dict of str to nibabel.Nifti1Image
         One mask per effect kind.
     effects : pandas.DataFrame
@@ -356,6 +359,12 @@ def _write_ground_truth(out: Path, model: AgeingModel, oracle: float) -> None:
             "GeneratedBy": [{"Name": "brainage_core.data.synth.render", "Version": __version__}],
             "BiologicalAgeRange": [b_lo, b_hi],
             "Threshold": threshold,
+            "ThresholdDescription": (
+                "age_signal_mask.nii.gz keeps the voxels of age_signal_strength.nii.gz above "
+                "this absolute intensity change (template intensities in [0, 1]); it keeps "
+                "the weak tails of the expansion flow out of the mask"
+            ),
+            "RenderResolution": model.fine.resolution,
             "OracleMAE": oracle,
             "Atlas": ATLAS_NAME,
         },

@@ -18,8 +18,15 @@ from brainage_core._utils.validation import (
 )
 from brainage_core.data.template import SUPPORTED_RESOLUTIONS
 
-#: Kinds of age effect.
-EFFECT_KINDS = ("ventricle_expansion", "atrophy", "cortical_thinning")
+#: Kinds of age effect: three shape changes (the defaults) and two intensity-only effects
+#: (the earlier generator's atrophy and thinning, kept as options).
+EFFECT_KINDS = (
+    "ventricle_expansion",
+    "atrophy",
+    "cortical_thinning",
+    "atrophy_intensity",
+    "cortical_thinning_intensity",
+)
 
 #: Functional forms of an effect's time course.
 EFFECT_FORMS = ("linear", "quadratic", "sigmoid")
@@ -28,8 +35,17 @@ EFFECT_FORMS = ("linear", "quadratic", "sigmoid")
 AGE_SPAN = 40.0
 
 #: Default smoothing (mm) of each kind: the expansion field's Gaussian, or the soft edge of
-#: the intensity effects' regions.
-DEFAULT_SMOOTHING_MM = {"ventricle_expansion": 6.0, "atrophy": 2.0, "cortical_thinning": 2.0}
+#: the thinned or blended regions (a shrinking structure keeps its sharp boundary).
+DEFAULT_SMOOTHING_MM = {
+    "ventricle_expansion": 6.0,
+    "atrophy": 0.0,
+    "cortical_thinning": 2.0,
+    "atrophy_intensity": 2.0,
+    "cortical_thinning_intensity": 2.0,
+}
+
+#: Largest volume or thickness fraction an effect may remove (a structure never vanishes).
+MAX_FRACTION = 0.9
 
 #: Cortical regions thinned by default (frontal, insular and superior temporal cortex, where
 #: grey matter declines most with age).
@@ -59,8 +75,10 @@ class AgeEffect:
         ``"Lateral Ventricle"``, ``"Hippocampus"``, ``"Left Putamen"``).
     strength : float
         The effect 40 years after onset: for ``ventricle_expansion`` the largest speed of
-        the expansion flow (mm; about the largest displacement), otherwise the fraction of
-        tissue replaced by CSF.
+        the expansion flow (mm; about the largest displacement); for ``atrophy`` the
+        fraction of the structure's volume lost; for ``cortical_thinning`` the fraction of
+        the grey-matter ribbon's thickness lost; for the ``*_intensity`` kinds the fraction
+        of tissue intensity blended toward CSF. Fractions are capped at 0.9 at any age.
     onset : float, default=40.0
         Biological age (years) at which the effect starts.
     form : {"linear", "quadratic", "sigmoid"}, default="linear"
@@ -91,10 +109,10 @@ class AgeEffect:
             )
         object.__setattr__(self, "regions", list(regions))
         check_positive("effect strength", self.strength)
-        if self.kind != "ventricle_expansion" and self.strength > 1:
+        if self.kind != "ventricle_expansion" and self.strength >= 1:
             raise BrainAgeInputError(
-                f"'effect strength' of a {self.kind} effect is a fraction of tissue and must "
-                f"be at most 1; {self.strength!r} was provided."
+                f"'effect strength' of a {self.kind} effect is a fraction (of volume, "
+                f"thickness or tissue) and must be below 1; {self.strength!r} was provided."
             )
         if isinstance(self.onset, bool) or not isinstance(self.onset, (int, float)):
             raise BrainAgeInputError(
@@ -150,7 +168,7 @@ def default_effects() -> list[AgeEffect]:
     """The default ageing: ventricles, hippocampi and frontal/insular/temporal cortex.
 
     The strengths are balanced so that a CNN trained on the default cohort relies on each
-    effect (measured with :mod:`brainage_core.analysis.reliance`: about 40 % ventricles, 20 %
+    effect (measured with :mod:`brainage_core.reliance`: about 40 % ventricles, 20 %
     hippocampi, 40 % cortex). With a stronger expansion (5 mm) the ventricles alone
     carried about 80 % of the prediction, and the cortex was close to invisible to it.
     """
@@ -158,11 +176,11 @@ def default_effects() -> list[AgeEffect]:
         AgeEffect(
             "ventricle_expansion", ["Lateral Ventricle"], strength=2.5, onset=30.0, form="quadratic"
         ),
-        AgeEffect("atrophy", ["Hippocampus"], strength=0.6, onset=40.0, form="linear"),
+        AgeEffect("atrophy", ["Hippocampus"], strength=0.3, onset=40.0, form="linear"),
         AgeEffect(
             "cortical_thinning",
             list(DEFAULT_CORTICAL_REGIONS),
-            strength=0.6,
+            strength=0.3,
             onset=40.0,
             form="linear",
         ),
@@ -179,6 +197,10 @@ class SynthConfig:
         Number of subjects.
     resolution : int, default=2
         Grid spacing in mm (the template grid of that resolution).
+    render_resolution : int, default=2
+        Spacing (mm) of the fine grid the ageing is planted on and the images are rendered
+        at before they are averaged onto the study grid (partial volume); see
+        :func:`render_grid`. 1 is the most faithful and about 8 times slower.
     seed : int, default=0
         Seed of every random draw.
     age_min, age_max : float, default=45.0, 82.0
@@ -200,10 +222,15 @@ class SynthConfig:
         The planted ageing.
     nuisance_scale : float, default=1.0
         Multiplies every nuisance amplitude below; 0 switches nuisance off.
-    deformation_mm : float, default=1.5
-        Standard deviation (mm) of the smooth random deformation (individual anatomy).
-    deformation_spacing_mm : float, default=16.0
-        Spacing (mm) of the control points of the random deformation and bias field.
+    deformation_mm : float, default=3.0
+        Standard deviation (mm, per axis) of the coarse smooth random deformation
+        (individual anatomy left after affine registration).
+    deformation_spacing_mm : float, default=32.0
+        Spacing (mm) of the control points of the coarse deformation and the bias field.
+    local_deformation_mm : float, default=2.0
+        Standard deviation (mm, per axis) of the local deformation (individual folding).
+    local_deformation_spacing_mm : float, default=12.0
+        Spacing (mm) of its control points.
     head_size_sd : float, default=0.03
         Relative standard deviation of head size (linear scale).
     head_size_sex_difference : float, default=0.04
@@ -227,6 +254,7 @@ class SynthConfig:
 
     n_subjects: int = 200
     resolution: int = 2
+    render_resolution: int = 2
     seed: int = 0
     age_min: float = 45.0
     age_max: float = 82.0
@@ -238,8 +266,10 @@ class SynthConfig:
     regional_sd: float = 5.0
     effects: list[AgeEffect] = field(default_factory=default_effects)
     nuisance_scale: float = 1.0
-    deformation_mm: float = 1.5
-    deformation_spacing_mm: float = 16.0
+    deformation_mm: float = 3.0
+    deformation_spacing_mm: float = 32.0
+    local_deformation_mm: float = 2.0
+    local_deformation_spacing_mm: float = 12.0
     head_size_sd: float = 0.03
     head_size_sex_difference: float = 0.04
     rotation_deg: float = 2.0
@@ -253,6 +283,7 @@ class SynthConfig:
     def __post_init__(self) -> None:
         check_positive("n_subjects", self.n_subjects, integer=True)
         check_choice("resolution", self.resolution, SUPPORTED_RESOLUTIONS)
+        check_choice("render_resolution", self.render_resolution, SUPPORTED_RESOLUTIONS)
         check_positive("seed", self.seed, integer=True, allow_zero=True)
         check_positive("age_min", self.age_min)
         check_positive("age_max", self.age_max)
@@ -281,11 +312,11 @@ class SynthConfig:
         object.__setattr__(self, "effects", [AgeEffect.from_dict(e) for e in self.effects])
         for name in _NUISANCE_FIELDS + ("ground_truth_threshold",):
             check_positive(name, getattr(self, name), allow_zero=True)
-        if self.deformation_spacing_mm <= 0:
-            raise BrainAgeInputError(
-                f"'deformation_spacing_mm' must be positive; {self.deformation_spacing_mm!r} "
-                "was provided."
-            )
+        for name in ("deformation_spacing_mm", "local_deformation_spacing_mm"):
+            if getattr(self, name) <= 0:
+                raise BrainAgeInputError(
+                    f"'{name}' must be positive; {getattr(self, name)!r} was provided."
+                )
 
     @property
     def gap_sd_accelerated(self) -> float:
@@ -299,7 +330,7 @@ class SynthConfig:
         """Build a config from a mapping (e.g. the ``data.synthetic`` section).
 
         Missing keys take their defaults; unknown keys raise a
-        :class:`~brainage_core._utils.validation.BrainAgeInputError` naming them.
+        :class:`~brainage_core._validation.BrainAgeInputError` naming them.
         """
         d = {} if d is None else d
         if not isinstance(d, Mapping):
@@ -319,6 +350,7 @@ class SynthConfig:
 _NUISANCE_FIELDS = (
     "nuisance_scale",
     "deformation_mm",
+    "local_deformation_mm",
     "head_size_sd",
     "head_size_sex_difference",
     "rotation_deg",

@@ -1,4 +1,8 @@
-"""Rendering synthetic subjects: the aged template, then individual anatomy and scanner."""
+"""Rendering synthetic subjects: the aged template, then individual anatomy and scanner.
+
+The ageing is planted on a fine grid (``render_resolution``); every image is rendered on
+the study grid split into ``k**3`` sub-voxels and averaged back (partial volume).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from brainage_core._utils.validation import (
 )
 from brainage_core.data.atlas import load_atlas
 from brainage_core.data.synth.ages import SUBJECT_STREAM
-from brainage_core.data.synth.config import AgeEffect, SynthConfig
+from brainage_core.data.synth.config import MAX_FRACTION, AgeEffect, SynthConfig
 from brainage_core.data.template import Template, load_template
 
 #: Largest deformation gradient of one integration step of an expansion flow (keeps every
@@ -27,22 +31,52 @@ _MAX_STEP_STRAIN = 0.8
 # --------------------------------------------------------------------------- ageing model
 
 
+def render_grid(resolution: int, render_resolution: int) -> tuple[int, int]:
+    """The fine grid a cohort is rendered on: ``(fine resolution in mm, factor k)``.
+
+    Images of a ``resolution`` mm cohort are rendered on a grid ``k`` times finer (every
+    study voxel split into ``k**3`` sub-voxels) and averaged back (partial volume). The fine
+    grid is ``render_resolution`` mm when it divides ``resolution``, else 1 mm; a cohort at
+    least as fine as ``render_resolution`` is rendered on its own grid (``k = 1``).
+    """
+    if resolution <= render_resolution:
+        return resolution, 1
+    fine = render_resolution if resolution % render_resolution == 0 else 1
+    return fine, resolution // fine
+
+
+@dataclass(frozen=True)
+class _Structure:
+    """One connected component of a shrinking structure, on the fine grid."""
+
+    label: np.ndarray  # float32 0/1 on the fine grid
+    centre: np.ndarray  # (3, 1) centroid, fine voxels
+    lo: np.ndarray  # (3, 1) bounding box (fine voxels, with a margin)
+    hi: np.ndarray
+
+
 class AgeingModel:
-    """The template, aged in template space: what every subject is made from.
+    """The template, aged in template space on a fine grid: what every subject is made from.
 
     Parameters
     ----------
     config : SynthConfig
-        The cohort's parameters (its resolution, effects and ground-truth threshold).
+        The cohort's parameters (its resolution, render resolution, effects and
+        ground-truth threshold).
     effects : list of AgeEffect or None, default=None
         Effects to plant instead of ``config.effects`` (used for per-effect ground truth).
 
     Attributes
     ----------
     template : Template
-        The template grid.
+        The study grid (``config.resolution``); images and ground truth live on it.
+    fine : Template
+        The fine grid the ageing is planted on and images are rendered at.
+    factor : int
+        Sub-voxels per study voxel along each axis.
     csf_intensity : float
-        Template intensity of CSF (median in the ventricles), the value atrophy tends to.
+        Template intensity of CSF (median in the ventricles), the value that fills the
+        space left by atrophy and thinning.
     region_names : list of list of str
         Atlas regions matched by each effect.
     """
@@ -51,39 +85,57 @@ class AgeingModel:
         self.config = config
         self.effects = list(config.effects if effects is None else effects)
         self.template: Template = load_template(config.resolution)
-        atlas = load_atlas(config.resolution)
-        t = self.template
+        fine_res, self.factor = render_grid(config.resolution, config.render_resolution)
+        self.fine: Template = load_template(fine_res)
+        atlas = load_atlas(fine_res)
+        t = self.fine
         self.t1 = np.asarray(t.t1, dtype=np.float32)
         self.mask = t.mask.astype(np.float32)
         self.csf_intensity = float(np.median(t.t1[(t.csf > 0.9) & t.mask]))
-        res = float(config.resolution)
+        res = float(fine_res)
         self.region_names = [atlas.region_names(e.regions) for e in self.effects]
+        # Study voxel -> fine voxel of the render grid's sub-voxels: render voxel r (on the
+        # study grid split k times) sits at study voxel (r + 0.5) / k - 0.5.
+        k = self.factor
+        render_to_mm = self.template.affine @ np.array(
+            [[1 / k, 0, 0, (1 / k - 1) / 2], [0, 1 / k, 0, (1 / k - 1) / 2],
+             [0, 0, 1 / k, (1 / k - 1) / 2], [0, 0, 0, 1]]
+        )
+        self.render_to_fine = np.linalg.inv(t.affine) @ render_to_mm
+        self.render_shape = tuple(int(s) * k for s in self.template.shape)
         # (index of the effect, effect, ...): the index picks the effect's regional age.
-        self._intensity: list[tuple[int, AgeEffect, np.ndarray]] = []
+        self._blend: list[tuple[int, AgeEffect, np.ndarray]] = []
+        self._thinning: list[tuple[int, AgeEffect, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._atrophy: list[tuple[int, AgeEffect, list[_Structure]]] = []
         self._expansion: list[tuple[int, AgeEffect, np.ndarray, float]] = []
-        for k, effect in enumerate(self.effects):
+        for idx, effect in enumerate(self.effects):
             region = atlas.region_mask(effect.regions).astype(np.float32)
             if not region.any():
                 raise BrainAgeInputError(
                     f"the regions {effect.regions} of a {effect.kind} effect have no voxels on "
-                    f"the {config.resolution} mm grid; choose larger regions or a finer grid."
+                    f"the {fine_res} mm grid; choose larger regions or a finer grid."
                 )
             sigma = effect.sigma_mm / res
+            soft = ndimage.gaussian_filter(region, sigma) if sigma > 0 else region
             if effect.kind == "ventricle_expansion":
-                smooth = ndimage.gaussian_filter(region, sigma) if sigma > 0 else region
-                grad = np.stack(np.gradient(smooth)).astype(np.float32)  # per voxel
+                grad = np.stack(np.gradient(soft)).astype(np.float32)  # per voxel
                 norm = max(float(np.sqrt((grad**2).sum(axis=0)).max()), 1e-12)
                 # Velocity of unit top speed (1 mm per unit of strength), in voxels.
                 velocity = grad / (norm * res)
                 strain = np.sqrt(
-                    sum((np.stack(np.gradient(velocity[k])) ** 2).sum(axis=0) for k in range(3))
+                    sum((np.stack(np.gradient(velocity[j])) ** 2).sum(axis=0) for j in range(3))
                 )
-                self._expansion.append((k, effect, velocity, float(strain.max())))
-            else:
-                soft = ndimage.gaussian_filter(region, sigma) if sigma > 0 else region
-                tissue = t.gm if effect.kind == "cortical_thinning" else t.gm + t.wm
+                self._expansion.append((idx, effect, velocity, float(strain.max())))
+            elif effect.kind == "atrophy":
+                self._atrophy.append((idx, effect, _structures((region > 0.5) & t.mask)))
+            elif effect.kind == "cortical_thinning":
+                weight = (np.clip(soft, 0, 1) * t.mask).astype(np.float32)
+                depth, thickness = _cortical_depth(t, res)
+                self._thinning.append((idx, effect, weight, depth, thickness))
+            else:  # intensity-only effects (the earlier generator's atrophy and thinning)
+                tissue = t.gm if effect.kind == "cortical_thinning_intensity" else t.gm + t.wm
                 weight = np.clip(soft, 0, 1) * np.clip(tissue, 0, 1) * t.mask
-                self._intensity.append((k, effect, weight.astype(np.float32)))
+                self._blend.append((idx, effect, weight.astype(np.float32)))
         if self._expansion:
             speed = sum(np.sqrt((v**2).sum(axis=0)) for _, _, v, _ in self._expansion)
             active = speed > 1e-3 * float(speed.max())
@@ -100,22 +152,38 @@ class AgeingModel:
             )
         return ages
 
-    def intensity(self, b: float | Sequence[float]) -> np.ndarray:
-        """Template intensities with the intensity effects of biological age ``b``.
+    def magnitude(self, effect: AgeEffect, age: float) -> float:
+        """The effect's magnitude ``strength * h`` at a regional age (fractions kept < 1)."""
+        m = effect.strength * float(effect.profile(age))
+        return m if effect.kind == "ventricle_expansion" else min(m, MAX_FRACTION)
 
-        ``b`` is one age for every effect, or one regional age per effect.
+    def intensity(self, b: float | Sequence[float]) -> np.ndarray:
+        """Fine-grid template intensities with the cortical thinning of age ``b``.
+
+        The grey-matter ribbon of the thinned regions loses the outer fraction ``m`` of its
+        local thickness: a voxel at depth ``d`` below the pial surface, in a ribbon of
+        thickness ``T``, becomes CSF once ``d < m T`` (partial volume over one fine voxel),
+        so the pial boundary moves inward and the sulcal CSF widens. The white-matter
+        boundary stays. Intensity-only effects (the ``*_intensity`` kinds) blend tissue
+        toward CSF instead.
         """
-        if not self._intensity:
+        if not self._thinning and not self._blend:
             return self.t1
         ages = self.effect_ages(b)
         w = np.zeros_like(self.t1)
-        for k, effect, weight in self._intensity:
-            w += np.float32(effect.strength * float(effect.profile(ages[k]))) * weight
+        res = float(self.fine.resolution)
+        for k, effect, weight, depth, thickness in self._thinning:
+            m = self.magnitude(effect, ages[k])
+            if m > 0:
+                lost = np.clip((m * thickness - depth) / res + 0.5, 0.0, 1.0)
+                w += weight * lost.astype(np.float32)
+        for k, effect, weight in self._blend:
+            w += np.float32(self.magnitude(effect, ages[k])) * weight
         np.clip(w, 0.0, 1.0, out=w)
         return self.t1 + w * (np.float32(self.csf_intensity) - self.t1)
 
     def expand(self, b: float | Sequence[float], coords: np.ndarray) -> np.ndarray:
-        """Move template coordinates (voxels, ``(3, N)``) along the expansion flow at ``b``.
+        """Move fine-grid coordinates (voxels, ``(3, N)``) along the expansion flow at ``b``.
 
         The displacement is the flow of the velocity ``sum_k m_k(b) u_k`` over unit time,
         integrated with enough Euler steps that each step is invertible, so the deformation
@@ -125,7 +193,7 @@ class AgeingModel:
         if not self._expansion:
             return coords
         ages = self.effect_ages(b)
-        magnitudes = [e.strength * float(e.profile(ages[k])) for k, e, _, _ in self._expansion]
+        magnitudes = [self.magnitude(e, ages[k]) for k, e, _, _ in self._expansion]
         strain = sum(m * lip for m, (_, _, _, lip) in zip(magnitudes, self._expansion, strict=True))
         if strain <= 0:
             return coords
@@ -147,28 +215,135 @@ class AgeingModel:
         out[:, moving] = pts
         return out
 
+    def shrink_scale(self, effect: AgeEffect, age: float) -> float:
+        """Linear scale of an atrophying structure: its Jacobian ``scale**3 = 1 - m``."""
+        return float((1.0 - self.magnitude(effect, age)) ** (1.0 / 3.0))
+
     def sample(
         self, b: float | Sequence[float], coords: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Aged template and brain mask at voxel coordinates ``coords`` (shape ``(3, N)``).
+        """Aged template and brain mask at fine-grid voxel coordinates ``coords`` ``(3, N)``.
 
-        The expansion moves template coordinates ``z`` along its flow; intensities (with
-        the intensity effects of ``b``) and the mask are then read there (trilinear).
+        The expansion moves coordinates along its flow; intensities (with the cortical
+        thinning of ``b``) and the mask are read there (trilinear). Each atrophying
+        structure then shrinks about its centroid by the linear scale ``s = (1 - m)**(1/3)``
+        (a deformation with Jacobian ``1 - m`` inside it): with ``p`` the structure's
+        occupancy at a point and ``p_w`` that of the shrunk structure, the intensity is
+        ``p_w T_w + max(p - p_w, 0) c_csf + (1 - max(p, p_w)) I``, where ``T_w`` is the
+        template read through the shrinking map, ``c_csf`` the CSF intensity that fills the
+        space, and ``I`` the intensity without the structure's ageing.
         """
         coords = self.expand(b, coords)
-        values = ndimage.map_coordinates(self.intensity(b), coords, order=1, cval=0.0)
+        image = self.intensity(b)
+        values = ndimage.map_coordinates(image, coords, order=1, cval=0.0)
         inside = ndimage.map_coordinates(self.mask, coords, order=1, cval=0.0)
+        if self._atrophy:
+            ages = self.effect_ages(b)
+            csf = np.float32(self.csf_intensity)
+            for k, effect, structures in self._atrophy:
+                s = self.shrink_scale(effect, ages[k])
+                if s >= 1.0:
+                    continue
+                for st in structures:
+                    sel = np.flatnonzero(np.all((coords >= st.lo) & (coords <= st.hi), axis=0))
+                    if not sel.size:
+                        continue
+                    pts = coords[:, sel]
+                    warped = st.centre + (pts - st.centre) / s
+                    p = ndimage.map_coordinates(st.label, pts, order=1, cval=0.0)
+                    p_w = ndimage.map_coordinates(st.label, warped, order=1, cval=0.0)
+                    t_w = ndimage.map_coordinates(image, warped, order=1, cval=0.0)
+                    values[sel] = (p_w * t_w + np.maximum(p - p_w, 0.0) * csf
+                                   + (1.0 - np.maximum(p, p_w)) * values[sel])
         return values, inside
 
-    def render(self, b: float | Sequence[float]) -> np.ndarray:
-        """Noise-free aged template on the grid (no nuisance), zero outside the brain."""
+    def warped_label(self, b: float | Sequence[float], effect_index: int) -> np.ndarray:
+        """Occupancy (fine grid) of an atrophy effect's structures at age ``b``.
+
+        Its sum is the structures' volume in fine voxels: ``(1 - m)`` times the young one.
+        """
+        ages = self.effect_ages(b)
+        for k, effect, structures in self._atrophy:
+            if k == effect_index:
+                s = self.shrink_scale(effect, ages[k])
+                grid = np.indices(self.t1.shape, dtype=np.float64).reshape(3, -1)
+                out = np.zeros(grid.shape[1], dtype=np.float32)
+                for st in structures:
+                    warped = st.centre + (grid - st.centre) / s
+                    out += ndimage.map_coordinates(st.label, warped, order=1, cval=0.0)
+                return out.reshape(self.t1.shape)
+        raise BrainAgeInputError(f"effect {effect_index} is not an atrophy effect.")
+
+    def render_fine(self, b: float | Sequence[float]) -> np.ndarray:
+        """Noise-free aged template on the fine grid (no nuisance), zero outside the brain."""
         coords = np.indices(self.t1.shape, dtype=np.float64).reshape(3, -1)
         values, inside = self.sample(b, coords)
         return (values * (inside >= 0.5)).reshape(self.t1.shape).astype(np.float32)
 
+    def render(self, b: float | Sequence[float]) -> np.ndarray:
+        """Noise-free aged template on the study grid (no nuisance), zero outside the brain.
+
+        Rendered on the fine render grid and averaged over each study voxel's sub-voxels
+        (partial volume), exactly as the subjects are.
+        """
+        grid = np.indices(self.render_shape, dtype=np.float64).reshape(3, -1)
+        values, inside = self.sample(b, self.to_fine(grid))
+        return block_mean((values * (inside >= 0.5)).reshape(self.render_shape), self.factor)
+
+    def to_fine(self, render_coords: np.ndarray) -> np.ndarray:
+        """Render-grid voxel coordinates ``(3, N)`` to fine-grid voxel coordinates."""
+        m = self.render_to_fine
+        return m[:3, :3] @ render_coords + m[:3, 3:4]
+
     def change(self, b_lo: float, b_hi: float) -> np.ndarray:
-        """Absolute noise-free intensity change between two biological ages."""
+        """Absolute noise-free intensity change between two biological ages (study grid)."""
         return np.abs(self.render(b_hi) - self.render(b_lo))
+
+
+def block_mean(volume: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over ``factor**3`` blocks: a fine render averaged onto the study grid."""
+    if factor == 1:
+        return volume.astype(np.float32)
+    x, y, z = (s // factor for s in volume.shape)
+    blocks = volume.reshape(x, factor, y, factor, z, factor)
+    return blocks.mean(axis=(1, 3, 5), dtype=np.float64).astype(np.float32)
+
+
+def _structures(mask: np.ndarray) -> list[_Structure]:
+    """The connected components of a structure (e.g. left and right hippocampus)."""
+    labels, n = ndimage.label(mask)
+    out = []
+    for j in range(1, n + 1):
+        comp = labels == j
+        idx = np.argwhere(comp)
+        out.append(
+            _Structure(
+                label=comp.astype(np.float32),
+                centre=idx.mean(axis=0)[:, None],
+                lo=(idx.min(axis=0) - 1.5)[:, None],
+                hi=(idx.max(axis=0) + 1.5)[:, None],
+            )
+        )
+    return out
+
+
+def _cortical_depth(template: Template, res: float) -> tuple[np.ndarray, np.ndarray]:
+    """Depth below the pial surface and local ribbon thickness (mm) of grey-matter voxels.
+
+    Grey matter is where its probability exceeds white matter's and CSF's. The depth is
+    the distance to the nearest CSF or non-brain voxel, the thickness that depth plus the
+    distance to the nearest white-matter voxel (each measured to the boundary halfway
+    between voxel centres). Elsewhere the depth is infinite (never thinned).
+    """
+    gm, wm, csf = template.gm, template.wm, template.csf
+    grey = template.mask & (gm >= wm) & (gm >= csf) & (gm > 0.2)
+    outside = ~template.mask | ((csf > gm) & (csf >= wm))
+    white = template.mask & (wm > gm) & (wm >= csf)
+    to_out = ndimage.distance_transform_edt(~outside) * res - 0.5 * res
+    to_white = ndimage.distance_transform_edt(~white) * res - 0.5 * res
+    depth = np.where(grey, to_out, np.inf).astype(np.float32)
+    thickness = np.where(grey, to_out + to_white, 0.0).astype(np.float32)
+    return depth, thickness
 
 
 # --------------------------------------------------------------------------- subjects
@@ -176,6 +351,8 @@ class AgeingModel:
 
 @dataclass(frozen=True)
 class SubjectSpec:
+    """What a worker needs to render and write one subject."""
+
     index: int
     participant_id: str
     sex: str
@@ -196,6 +373,10 @@ class SubjectRenderer:
     Subject ``index`` always draws the same nuisance (its own seed stream), whatever the
     ages it is rendered at. So :meth:`render_subject` can re-render a subject of a cohort
     with one effect aged differently: a counterfactual that changes nothing else.
+
+    Each image is rendered on the fine render grid (every study voxel split into
+    ``model.factor**3`` sub-voxels), then averaged over each study voxel (partial volume),
+    and the scanner noise is added on the study grid.
     """
 
     def __init__(self, model: AgeingModel) -> None:
@@ -204,16 +385,23 @@ class SubjectRenderer:
         self.config = c
         t = model.template
         self.affine = t.affine
-        shape = np.array(t.shape)
-        # Voxels that a (larger, shifted) subject brain may reach.
+        k = model.factor
+        # Study voxels that a (larger, shifted) subject brain may reach, and their sub-voxels.
         margin = int(np.ceil(12.0 / c.resolution))
         support = ndimage.binary_dilation(t.mask, iterations=margin)
         self.support = support
-        self.points = np.argwhere(support).T.astype(np.float64)  # (3, N) voxel indices
-        self.centre = np.argwhere(t.mask).mean(axis=0)
-        spacing = c.deformation_spacing_mm / c.resolution  # voxels between control points
-        self._upsample = [_linear_weights(int(n), spacing) for n in shape]
-        self.control_shape = tuple(w.shape[1] for w in self._upsample)
+        fine_support = support
+        for axis in range(3):
+            fine_support = np.repeat(fine_support, k, axis=axis)
+        self.fine_support = fine_support
+        self.points = np.argwhere(fine_support).T.astype(np.float64)  # (3, N) render voxels
+        self.centre = (np.argwhere(t.mask).mean(axis=0) + 0.5) * k - 0.5
+        self.render_mm = c.resolution / k  # render-grid spacing
+        shape = np.array(model.render_shape)
+        self._upsample = {
+            spacing: [_linear_weights(int(n), spacing / self.render_mm) for n in shape]
+            for spacing in (c.deformation_spacing_mm, c.local_deformation_spacing_mm)
+        }
 
     def render(self, subject: SubjectSpec) -> np.ndarray:
         """Image of a cohort subject, on the template grid."""
@@ -248,43 +436,49 @@ class SubjectRenderer:
         shift_mm = s * c.translation_mm * rng.normal(size=3)
         gamma = np.exp(s * c.contrast_sd * rng.normal())
         scale = np.exp(s * c.scale_sd * rng.normal())
-        fields = self._smooth_fields(rng, 4)
-        noise = rng.standard_normal(self.points.shape[1]).astype(np.float32)
+        coarse = self._smooth_fields(rng, 4, c.deformation_spacing_mm)
+        local = self._smooth_fields(rng, 3, c.local_deformation_spacing_mm)
+        noise = rng.standard_normal(int(self.support.sum())).astype(np.float32)
 
-        # Output voxel y -> template voxel z: rigid misregistration and head size about the
-        # brain's centre, plus the smooth random deformation (in mm, converted to voxels).
+        # Render voxel y -> render voxel z of the template: rigid misregistration and head
+        # size about the brain's centre, plus the multi-scale smooth deformation
+        # (individual anatomy; mm converted to render voxels); then to the fine grid.
         rot = _rotation(angles) / np.exp(log_size)
         y = self.points
         z = (rot @ (y - self.centre[:, None])) + self.centre[:, None]
-        z += (shift_mm / c.resolution)[:, None]
-        z += (s * c.deformation_mm / c.resolution) * fields[:3]
-        values, inside = self.model.sample(ages, z)
+        z += (shift_mm / self.render_mm)[:, None]
+        z += (s * c.deformation_mm / self.render_mm) * coarse[:3]
+        z += (s * c.local_deformation_mm / self.render_mm) * local
+        values, inside = self.model.sample(ages, self.model.to_fine(z))
 
-        bias = np.exp(s * c.bias_field_sd * fields[3])
+        bias = np.exp(s * c.bias_field_sd * coarse[3])
         values = scale * bias * np.power(np.clip(values, 0.0, None), gamma)
-        values += (s * c.noise_sd) * noise
-        values = np.clip(values, 0.0, None) * (inside >= 0.5)
-        out = np.zeros(self.model.t1.shape, dtype=np.float32)
-        out[self.support] = values
-        return out
+        values = values * (inside >= 0.5)
+        fine = np.zeros(self.model.render_shape, dtype=np.float32)
+        fine[self.fine_support] = values
+        brain = np.zeros(self.model.render_shape, dtype=np.float32)
+        brain[self.fine_support] = inside >= 0.5
+        out = block_mean(fine, self.model.factor)
+        in_brain = block_mean(brain, self.model.factor)[self.support] > 0
+        out[self.support] += (s * c.noise_sd) * noise * in_brain
+        return np.clip(out, 0.0, None)
 
-    def _smooth_fields(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        """``n`` smooth unit-variance random fields at the support points.
+    def _smooth_fields(self, rng: np.random.Generator, n: int, spacing: float) -> np.ndarray:
+        """``n`` smooth unit-variance random fields at the render points.
 
-        White noise on a coarse control grid, smoothed there and upsampled (separable
-        trilinear interpolation) to the grid: cheap, and smooth on the scale of
-        ``deformation_spacing_mm``.
+        White noise on a control grid of the given spacing (mm), smoothed there and
+        upsampled (separable trilinear interpolation) to the render grid.
         """
-        coarse = rng.standard_normal((n,) + self.control_shape)
+        wx, wy, wz = self._upsample[spacing]
+        coarse = rng.standard_normal((n, wx.shape[1], wy.shape[1], wz.shape[1]))
         out = np.empty((n, self.points.shape[1]), dtype=np.float64)
-        wx, wy, wz = self._upsample
         for k in range(n):
             smooth = ndimage.gaussian_filter(coarse[k], 1.0, mode="nearest")
             smooth /= max(float(smooth.std()), 1e-6)
             fine = np.tensordot(wx, smooth, axes=(1, 0))
             fine = np.tensordot(fine, wy, axes=(1, 1))  # (X, cz, Y)
             fine = np.tensordot(fine, wz, axes=(1, 1))  # (X, Y, Z)
-            out[k] = fine[self.support]
+            out[k] = fine[self.fine_support]
         return out
 
     def write(self, subject: SubjectSpec) -> bool:
