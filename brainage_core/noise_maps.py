@@ -48,10 +48,22 @@ from tqdm.auto import tqdm
 
 from ._io import atomic_path
 from ._validation import BrainAgeInputError, check_choice, check_fraction, check_positive
+from .perturbations import (
+    NEEDS_MEAN_IMAGE,
+    PERTURBATIONS,
+    PerturbationParams,
+    additive,
+    get_perturbation,
+    mean_image,
+)
 from .unet import UNet3D
 
-#: Accepted values of the ``target`` parameter.
+#: Accepted values of the ``target`` parameter ("age" is the paper's).
 TARGETS = ("prediction", "age")
+
+#: Accepted values of the ``loss`` parameter: the task loss ``|f(x~) - t|`` ("l1", the
+#: default) or ``(f(x~) - t)**2`` ("l2").
+LOSSES = ("l1", "l2")
 
 #: Version of the checkpoint layout written by :meth:`NoiseMapExplainer.save`.
 CHECKPOINT_VERSION = 1
@@ -122,21 +134,8 @@ def perturb(
     s_max: float,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Return ``x + eps * (s_min + b * (s_max - s_min))`` inside ``mask``.
-
-    Parameters
-    ----------
-    x, b : torch.Tensor of shape (N, 1, X, Y, Z)
-        Images and noise levels in [0, 1].
-    mask : torch.Tensor of shape (1, 1, X, Y, Z)
-        1 inside the brain, 0 outside (no noise there).
-    s_min, s_max : float
-        Noise standard deviation at ``b = 0`` and ``b = 1``, in image intensity units.
-    generator : torch.Generator or None, default=None
-        Source of ``eps`` (seeded for reproducible noise).
-    """
-    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return x + eps * (s_min + b * (s_max - s_min)) * mask
+    """The paper's additive perturbation (see :func:`brainage_core.perturbations.additive`)."""
+    return additive(x, b, mask, None, PerturbationParams(s_min=s_min, s_max=s_max), generator)
 
 
 def as_dataset(data: Any, name: str = "data") -> Dataset:
@@ -200,6 +199,11 @@ class _NoiseObjective:
         s_min: float = 0.0,
         s_max: float = 1.0,
         target: str = "prediction",
+        perturbation: str = "additive",
+        noise_sd: float = 0.0,
+        blur_sigma: float = 2.0,
+        loss: str = "l1",
+        reference: Any = None,
         seed: int = 0,
     ) -> None:
         if not isinstance(predictor, nn.Module):
@@ -215,10 +219,58 @@ class _NoiseObjective:
                 f"'s_max' must be at least 's_min' ({self.s_min}); {s_max!r} was provided."
             )
         self.target = check_choice("target", target, TARGETS)
+        self.perturbation = perturbation
+        self._perturb = get_perturbation(perturbation)
+        self.noise_sd = float(check_positive("noise_sd", noise_sd, allow_zero=True))
+        self.blur_sigma = float(check_positive("blur_sigma", blur_sigma))
+        self.loss = check_choice("loss", loss, LOSSES)
+        self.params = PerturbationParams(
+            s_min=self.s_min, s_max=self.s_max, noise_sd=self.noise_sd, blur_sigma=self.blur_sigma
+        )
         self.seed = int(seed)
         self.device = model_device(predictor)
         self._mask_input = mask
         self._mask: torch.Tensor | None = None
+        self.reference: torch.Tensor | None = (
+            None
+            if reference is None
+            else torch.as_tensor(reference, dtype=torch.float32)
+            .reshape(1, 1, *np.shape(reference)[-3:])
+            .to(self.device)
+        )
+
+    def perturbation_settings(self) -> dict[str, Any]:
+        """The settings of the perturbation (the keyword arguments that rebuild it)."""
+        return {
+            "perturbation": self.perturbation,
+            "s_min": self.s_min,
+            "s_max": self.s_max,
+            "noise_sd": self.noise_sd,
+            "blur_sigma": self.blur_sigma,
+        }
+
+    def set_reference(self, data: Any) -> None:
+        """Compute the training-mean image from ``data`` if the perturbation needs it."""
+        if self.perturbation in NEEDS_MEAN_IMAGE and self.reference is None:
+            self.reference = mean_image(as_dataset(data)).to(self.device)
+
+    def perturb(
+        self, x: torch.Tensor, b: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Apply this objective's perturbation with noise levels ``b`` inside the brain."""
+        mask = self._brain_mask(tuple(x.shape[2:]))
+        return self._perturb(x, b, mask, self.reference, self.params, generator)
+
+    def reference_image(self, x: torch.Tensor) -> torch.Tensor:
+        """What ``B = 1`` moves ``x`` toward (the noise-free replacement; ``x`` for additive).
+
+        Deletion and insertion curves replace voxels by this image.
+        """
+        mask = self._brain_mask(tuple(x.shape[2:]))
+        if self.perturbation == "additive":
+            return x
+        params = PerturbationParams(noise_sd=0.0, blur_sigma=self.blur_sigma)
+        return self._perturb(x, torch.ones_like(x), mask, self.reference, params, None)
 
     def _brain_mask(self, shape: tuple[int, ...]) -> torch.Tensor:
         if self._mask is None or tuple(self._mask.shape[2:]) != tuple(shape):
@@ -246,14 +298,18 @@ class _NoiseObjective:
         """Per-image task loss, per-image regulariser and B; summed by the caller."""
         mask = self._brain_mask(tuple(x.shape[2:]))
         b = torch.sigmoid(logits)
-        x_noisy = perturb(x, b, mask, self.s_min, self.s_max, generator)
-        task = (predict_batch(self.predictor, x_noisy) - targets).abs()
+        x_noisy = self.perturb(x, b, generator)
+        task = _task_loss(predict_batch(self.predictor, x_noisy) - targets, self.loss)
         log_b = F.logsigmoid(logits)
         reg = -(log_b * mask).flatten(1).sum(1) / mask.sum()
         return task, reg, b
 
     def _importance(self, b: torch.Tensor) -> torch.Tensor:
         return (1.0 - b) * self._brain_mask(tuple(b.shape[2:]))
+
+
+def _task_loss(diff: torch.Tensor, loss: str) -> torch.Tensor:
+    return diff.abs() if loss == "l1" else diff.square()
 
 
 # -- the amortised explainer -----------------------------------------------------------------
@@ -275,7 +331,21 @@ class NoiseMapExplainer(_NoiseObjective):
     s_min, s_max : float, default=0.0, 1.0
         Noise standard deviation at ``B = 0`` and ``B = 1`` in image intensity units.
     target : {"prediction", "age"}, default="prediction"
-        What the noisy prediction is compared with (see the module docstring).
+        What the noisy prediction is compared with (see the module docstring; "age" is
+        the paper's).
+    perturbation : str, default="additive"
+        A name in :data:`brainage_core.perturbations.PERTURBATIONS`: "additive" is the
+        paper's noise, "replace_mean" and "replace_blur" move voxels toward a reference
+        image (they remove information instead of adding noise).
+    noise_sd : float, default=0.0
+        Extra Gaussian noise at ``B = 1`` of the replacement perturbations (0: none).
+    blur_sigma : float, default=2.0
+        Blur of "replace_blur", in voxels.
+    loss : {"l1", "l2"}, default="l1"
+        Task loss: ``|f(x~) - t|`` or ``(f(x~) - t)**2``.
+    reference : array-like or None, default=None
+        The training-mean image of "replace_mean" (None: computed in :meth:`fit` from the
+        training data).
     channels, depth : int, default=8, 2
         Width and depth of the :class:`~brainage_core.unet.UNet3D` noise model.
     downsample : int, default=1
@@ -310,6 +380,11 @@ class NoiseMapExplainer(_NoiseObjective):
         s_min: float = 0.0,
         s_max: float = 1.0,
         target: str = "prediction",
+        perturbation: str = "additive",
+        noise_sd: float = 0.0,
+        blur_sigma: float = 2.0,
+        loss: str = "l1",
+        reference: Any = None,
         channels: int = 8,
         depth: int = 2,
         downsample: int = 1,
@@ -317,7 +392,18 @@ class NoiseMapExplainer(_NoiseObjective):
         seed: int = 0,
     ) -> None:
         super().__init__(
-            predictor, mask=mask, lam=lam, s_min=s_min, s_max=s_max, target=target, seed=seed
+            predictor,
+            mask=mask,
+            lam=lam,
+            s_min=s_min,
+            s_max=s_max,
+            target=target,
+            perturbation=perturbation,
+            noise_sd=noise_sd,
+            blur_sigma=blur_sigma,
+            loss=loss,
+            reference=reference,
+            seed=seed,
         )
         self.channels = int(channels)
         self.depth = int(depth)
@@ -331,15 +417,18 @@ class NoiseMapExplainer(_NoiseObjective):
         self.noise_model.to(self.device)
         self._history: list[dict[str, float]] = []
         self.epochs_trained = 0
+        #: Epoch (1-based) whose weights are kept: the best validation objective.
+        self.best_epoch: int | None = None
+        self._best: tuple[float, int, dict[str, torch.Tensor]] | None = None
 
     # -- settings -------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
         """The hyper-parameters that define this explainer (stored in checkpoints)."""
         return {
             "lam": self.lam,
-            "s_min": self.s_min,
-            "s_max": self.s_max,
+            **self.perturbation_settings(),
             "target": self.target,
+            "loss": self.loss,
             "channels": self.channels,
             "depth": self.depth,
             "downsample": self.downsample,
@@ -409,6 +498,7 @@ class NoiseMapExplainer(_NoiseObjective):
         optimiser = torch.optim.Adam(self.noise_model.parameters(), lr=lr)
         if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
             self._load_checkpoint(checkpoint_path, optimiser)
+        self.set_reference(train_set)
         bar = tqdm(
             range(self.epochs_trained, epochs),
             total=epochs,
@@ -424,6 +514,9 @@ class NoiseMapExplainer(_NoiseObjective):
                 if val_set is not None:
                     val = self.evaluate(val_set, batch_size=batch_size, seed_offset=epoch)
                     row.update({f"val_{k}": v for k, v in val.items()})
+                    row["val_objective"] = val["task"] + self.lam * val["reg"]
+                    if self._best is None or row["val_objective"] <= self._best[0]:
+                        self._best = (row["val_objective"], epoch + 1, self._state())
                 row["seconds"] = time.perf_counter() - start
                 row["epoch"] = epoch + 1
                 self._history.append(row)
@@ -432,8 +525,17 @@ class NoiseMapExplainer(_NoiseObjective):
                 if checkpoint_path is not None:
                     self.save(checkpoint_path, optimiser=optimiser)
         bar.close()
+        if self._best is not None:
+            # keep the epoch with the best validation objective, not the last one
+            self.noise_model.load_state_dict(self._best[2])
+            self.best_epoch = self._best[1]
+            if checkpoint_path is not None:
+                self.save(checkpoint_path, optimiser=optimiser)
         self.noise_model.eval()
         return self
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.noise_model.state_dict().items()}
 
     def _train_epoch(
         self, dataset: Dataset, optimiser: torch.optim.Optimizer, epoch: int, batch_size: int
@@ -511,13 +613,14 @@ class NoiseMapExplainer(_NoiseObjective):
         dict
             ``task``: mean ``|f(x~) - target|``; ``shift``: mean ``|f(x~) - f(x)|``;
             ``clean_mae`` and ``noisy_mae`` against the true age (NaN without ages);
-            ``mean_b`` and ``mean_sigma`` (mean noise standard deviation in the brain).
+            ``mean_b``, ``mean_sigma`` (mean noise standard deviation in the brain, for
+            the additive perturbation) and ``reg`` (the regulariser ``-mean log B``).
         """
         dataset = as_dataset(data)
         was_training = self.noise_model.training
         self.noise_model.eval()
         sums = dict.fromkeys(
-            ["task", "shift", "clean_mae", "noisy_mae", "mean_b", "mean_sigma"], 0.0
+            ["task", "shift", "clean_mae", "noisy_mae", "mean_b", "mean_sigma", "reg"], 0.0
         )
         count = 0
         gen = _epoch_generator(self.seed, 10_000 + seed_offset, 2, self.device)
@@ -526,19 +629,21 @@ class NoiseMapExplainer(_NoiseObjective):
                 x, ages = _split_item(batch)
                 x, ages = x.to(self.device), ages.to(self.device)
                 clean = predict_batch(self.predictor, x)
-                targets = clean if self.target == "prediction" else ages
-                b = torch.sigmoid(self._logits(x))
+                targets = clean if self.target == "prediction" else self._targets(x, ages)
+                logits = self._logits(x)
+                b = torch.sigmoid(logits)
                 mask = self._brain_mask(tuple(x.shape[2:]))
                 for _ in range(n_draws):
-                    noisy = predict_batch(
-                        self.predictor, perturb(x, b, mask, self.s_min, self.s_max, gen)
-                    )
-                    sums["task"] += float((noisy - targets).abs().sum()) / n_draws
+                    noisy = predict_batch(self.predictor, self.perturb(x, b, gen))
+                    task = _task_loss(noisy - targets, self.loss)
+                    sums["task"] += float(task.sum()) / n_draws
                     sums["shift"] += float((noisy - clean).abs().sum()) / n_draws
                     sums["noisy_mae"] += float((noisy - ages).abs().sum()) / n_draws
                 sums["clean_mae"] += float((clean - ages).abs().sum())
                 mean_b = (b * mask).flatten(1).sum(1) / mask.sum()
                 sums["mean_b"] += float(mean_b.sum())
+                reg = -(F.logsigmoid(logits) * mask).flatten(1).sum(1) / mask.sum()
+                sums["reg"] += float(reg.sum())
                 sums["mean_sigma"] += float((self.s_min + mean_b * (self.s_max - self.s_min)).sum())
                 count += x.shape[0]
         self.noise_model.train(was_training)
@@ -556,7 +661,18 @@ class NoiseMapExplainer(_NoiseObjective):
             "state_dict": {k: v.detach().cpu() for k, v in self.noise_model.state_dict().items()},
             "optimizer": None if optimiser is None else optimiser.state_dict(),
             "epochs_trained": self.epochs_trained,
+            "best_epoch": self.best_epoch,
+            "best": (
+                None
+                if self._best is None
+                else {
+                    "objective": self._best[0],
+                    "epoch": self._best[1],
+                    "state_dict": self._best[2],
+                }
+            ),
             "history": self._history,
+            "reference": None if self.reference is None else self.reference.detach().cpu(),
         }
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
@@ -582,10 +698,11 @@ class NoiseMapExplainer(_NoiseObjective):
             The brain mask used in training.
         """
         state = _read_checkpoint(path)
-        explainer = cls(predictor, mask=mask, **state["settings"])
+        explainer = cls(predictor, mask=mask, reference=state.get("reference"), **state["settings"])
         explainer.noise_model.load_state_dict(state["state_dict"])
         explainer.noise_model.eval()
         explainer.epochs_trained = int(state["epochs_trained"])
+        explainer.best_epoch = state.get("best_epoch")
         explainer._history = list(state["history"])
         return explainer
 
@@ -602,6 +719,12 @@ class NoiseMapExplainer(_NoiseObjective):
             optimiser.load_state_dict(state["optimizer"])
         self.epochs_trained = int(state["epochs_trained"])
         self._history = list(state["history"])
+        if state.get("reference") is not None:
+            self.reference = state["reference"].to(self.device)
+        self.best_epoch = state.get("best_epoch")
+        best = state.get("best")
+        if best is not None:
+            self._best = (float(best["objective"]), int(best["epoch"]), best["state_dict"])
 
 
 def _read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -635,20 +758,50 @@ class PerSubjectNoiseMap(_NoiseObjective):
 
     The logits of ``B`` are free parameters per image, optimised with Adam on the same
     objective as :class:`NoiseMapExplainer`. No training set is needed, but every map
-    costs ``steps`` forward and backward passes of the predictor.
+    costs up to ``steps`` forward and backward passes of the predictor.
+
+    Free per-voxel logits with one noise draw per step converge slowly and give noisy
+    maps; three options make the optimisation converge (Fong et al., 2019, extremal
+    perturbations):
+
+    * ``coarse``: the logits live on a grid ``coarse`` times coarser and are upsampled
+      (trilinear), so neighbouring voxels share their noise level;
+    * ``fixed_noise``: the same noise draw at every step (the objective is then
+      deterministic; the replacement perturbations without ``noise_sd`` are anyway);
+    * ``mean_b``: the operating point. The regulariser ``-lambda mean log B`` is replaced
+      by ``area_weight * (mean_brain(B) - mean_b)**2``, so the map spends the same noise
+      budget as the amortised model it is compared with.
+
+    Optimisation stops after ``steps`` steps, or earlier when the objective has not
+    improved by more than ``tol`` (years) over the last ``patience`` steps;
+    :attr:`history_` holds the objective, the task loss and mean B of every step.
 
     Parameters
     ----------
     predictor : torch.nn.Module
         Model mapping ``(N, 1, X, Y, Z)`` to ``(N,)``; frozen while explaining.
-    mask, lam, s_min, s_max, target, seed
-        As for :class:`NoiseMapExplainer`.
+    mask, lam, s_min, s_max, target, perturbation, noise_sd, blur_sigma, loss, reference, seed
+        As for :class:`NoiseMapExplainer` (``reference`` is required by "replace_mean").
     steps : int, default=100
-        Optimisation steps per image.
+        Most optimisation steps per image.
     lr : float, default=0.1
         Adam learning rate on the logits.
     init_logit : float, default=0.0
         Starting logit of B everywhere.
+    coarse : int, default=1
+        Logits on a grid coarser by this factor (1: one logit per voxel).
+    fixed_noise : bool, default=False
+        Reuse one noise draw at every step.
+    mean_b : float or None, default=None
+        Target mean of B in the brain (the operating point); None keeps the paper's
+        regulariser.
+    area_weight : float, default=100.0
+        Weight of the operating-point penalty.
+    tol : float, default=0.01
+        Improvement of the objective (years, the unit of the task loss) below which it
+        counts as converged.
+    patience : int or None, default=20
+        Steps without such an improvement before stopping (None: always run ``steps``).
     """
 
     def __init__(
@@ -660,17 +813,64 @@ class PerSubjectNoiseMap(_NoiseObjective):
         s_min: float = 0.0,
         s_max: float = 1.0,
         target: str = "prediction",
+        perturbation: str = "additive",
+        noise_sd: float = 0.0,
+        blur_sigma: float = 2.0,
+        loss: str = "l1",
+        reference: Any = None,
         steps: int = 100,
         lr: float = 0.1,
         init_logit: float = 0.0,
+        coarse: int = 1,
+        fixed_noise: bool = False,
+        mean_b: float | None = None,
+        area_weight: float = 100.0,
+        tol: float = 0.01,
+        patience: int | None = 20,
         seed: int = 0,
     ) -> None:
         super().__init__(
-            predictor, mask=mask, lam=lam, s_min=s_min, s_max=s_max, target=target, seed=seed
+            predictor,
+            mask=mask,
+            lam=lam,
+            s_min=s_min,
+            s_max=s_max,
+            target=target,
+            perturbation=perturbation,
+            noise_sd=noise_sd,
+            blur_sigma=blur_sigma,
+            loss=loss,
+            reference=reference,
+            seed=seed,
         )
         self.steps = int(check_positive("steps", steps, integer=True))
         self.lr = float(check_positive("lr", lr))
         self.init_logit = float(init_logit)
+        self.coarse = int(check_positive("coarse", coarse, integer=True))
+        self.fixed_noise = bool(fixed_noise)
+        self.mean_b = None if mean_b is None else float(check_fraction("mean_b", mean_b))
+        self.area_weight = float(check_positive("area_weight", area_weight))
+        self.tol = float(check_positive("tol", tol, allow_zero=True))
+        self.patience = (
+            None if patience is None else int(check_positive("patience", patience, integer=True))
+        )
+        self._history: list[dict[str, float]] = []
+
+    @property
+    def history_(self) -> pd.DataFrame:
+        """One row per step of the last :meth:`attribute` call: ``step``, ``objective``,
+        ``task`` and ``mean_b`` (means over the images)."""
+        return pd.DataFrame(self._history, columns=["step", "objective", "task", "mean_b"])
+
+    @property
+    def steps_run_(self) -> int:
+        """Steps the last :meth:`attribute` call ran (fewer than ``steps`` if it stopped)."""
+        return len(self._history)
+
+    def _full_logits(self, params: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.coarse == 1:
+            return params
+        return F.interpolate(params, size=shape, mode="trilinear", align_corners=False)
 
     def attribute(
         self, inputs: torch.Tensor, ages: torch.Tensor | None = None, *, progress: bool = False
@@ -680,8 +880,8 @@ class PerSubjectNoiseMap(_NoiseObjective):
         Parameters
         ----------
         inputs : torch.Tensor of shape (N, 1, X, Y, Z) or (1, X, Y, Z)
-            Images to explain. They are optimised jointly; since Adam acts per element and
-            the loss is a sum over images, each map is the same as if optimised alone.
+            Images to explain. They are optimised jointly (the loss is a sum over images
+            and Adam acts per element); the stopping rule watches their summed objective.
         ages : torch.Tensor of shape (N,) or None, default=None
             True ages; required when ``target="age"``.
         progress : bool, default=False
@@ -701,22 +901,53 @@ class PerSubjectNoiseMap(_NoiseObjective):
         )
         if ages_t.shape[0] != n:
             raise BrainAgeInputError(f"'ages' must hold {n} values; {ages_t.shape[0]} given.")
+        grid = tuple(x.shape[2:])
+        mask = self._brain_mask(grid)
+        coarse_shape = tuple(-(-g // self.coarse) for g in grid)
+        params = torch.full(
+            (n, 1, *coarse_shape), self.init_logit, device=self.device, requires_grad=True
+        )
+        optimiser = torch.optim.Adam([params], lr=self.lr)
         gen = _epoch_generator(self.seed, 0, 3, self.device)
-        logits = torch.full_like(x, self.init_logit, requires_grad=True)
-        optimiser = torch.optim.Adam([logits], lr=self.lr)
+        self._history = []
+        best, since_best = float("inf"), 0
         with frozen(self.predictor):
             targets = self._targets(x, ages_t)
             bar = tqdm(
                 range(self.steps), desc="per-subject map", disable=None if progress else True
             )
-            for _ in bar:
-                task, reg, _b = self._loss(x, logits, targets, gen)
-                loss = (task + self.lam * reg).sum()
+            for step in bar:
+                if self.fixed_noise:
+                    gen = _epoch_generator(self.seed, 0, 3, self.device)
+                logits = self._full_logits(params, grid)
+                task, reg, b = self._loss(x, logits, targets, gen)
+                mean_b = (b * mask).flatten(1).sum(1) / mask.sum()
+                if self.mean_b is None:
+                    penalty = self.lam * reg
+                else:
+                    penalty = self.area_weight * (mean_b - self.mean_b).square()
+                loss = (task + penalty).sum()
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
+                objective = float(loss.detach()) / n
+                self._history.append(
+                    {
+                        "step": step + 1,
+                        "objective": objective,
+                        "task": float(task.detach().mean()),
+                        "mean_b": float(mean_b.detach().mean()),
+                    }
+                )
+                if objective < best - self.tol:
+                    best, since_best = objective, 0
+                else:
+                    since_best += 1
+                if self.patience is not None and since_best >= self.patience:
+                    break
+            bar.close()
         with torch.no_grad():
-            importance = self._importance(torch.sigmoid(logits))
+            importance = self._importance(torch.sigmoid(self._full_logits(params, grid)))
         return importance.to(torch.as_tensor(inputs).device).reshape(inputs.shape)
 
 
@@ -728,7 +959,17 @@ class MapsConfig:
     Attributes
     ----------
     target : {"prediction", "age"}, default="prediction"
-        Target of the task loss (see the module docstring for why "prediction").
+        Target of the task loss (see the module docstring for why "prediction"; "age"
+        is the paper's).
+    perturbation : str, default="additive"
+        A name in :data:`brainage_core.perturbations.PERTURBATIONS` ("additive" is the
+        paper's noise; "replace_mean" and "replace_blur" remove information).
+    noise_sd : float, default=0.0
+        Extra noise at B = 1 of the replacement perturbations.
+    blur_sigma : float, default=2.0
+        Blur (voxels) of "replace_blur".
+    loss : {"l1", "l2"}, default="l1"
+        Task loss of the noise model.
     lam : float, default=1.0
         Lambda of the noise term, used as is unless ``calibrate`` is true.
     s_min, s_max : float, default=0.0, 0.3
@@ -754,11 +995,24 @@ class MapsConfig:
     lambdas : list of float, default=[0.1, 0.3, 1, 3, 10, 30]
         Candidates of the calibration.
     tolerance : float, default=1.0
-        Allowed rise (years) of the validation MAE on noised images.
+        Allowed mean shift ``|f(x~) - f(x)|`` (years) of the predictor on perturbed
+        validation images.
     calibration_epochs : int, default=3
-        Epochs per candidate lambda (warm-started from the previous candidate).
+        Epochs per candidate lambda (each from the same initial weights).
     per_subject_steps, per_subject_lr : default=100, 0.1
-        Optimisation of the per-subject (meaningful-perturbation style) maps.
+        Optimisation of the per-subject (meaningful-perturbation style) maps: most steps,
+        Adam learning rate.
+    per_subject_coarse : int, default=2
+        The per-subject logits live on a grid this many times coarser (upsampled).
+    per_subject_fixed_noise : bool, default=True
+        One noise draw for all steps (a deterministic objective).
+    per_subject_match_mean_b : bool, default=True
+        Hold the per-subject maps at the amortised model's mean B (its operating point
+        on the explained images) instead of the paper's regulariser.
+    per_subject_patience : int, default=20
+        Stopping rule: steps without an improvement of the objective by 0.01 y.
+    faithfulness_draws : int, default=4
+        Noise draws averaged in the like-for-like faithfulness test.
     timing_subjects : int, default=3
         Subjects on which the amortised and per-subject modes are timed.
     age_band_width : float, default=10
@@ -779,7 +1033,15 @@ class MapsConfig:
     deletion_steps : int, default=10
         Points of the deletion curve.
     faithfulness_fraction : float, default=0.5
-        Share of brain voxels noised in the faithfulness comparison.
+        Share of brain voxels noised in the fixed-noise faithfulness column (the first
+        version's test: noise of ``s_max`` on that share, a harsher regime than the maps
+        were trained for).
+    weak_tail : float, default=0.05
+        Truth voxels whose planted intensity change is below this are left out of the
+        binary-truth scores (neither planted nor unplanted).
+    region_coverage : float, default=0.5
+        A region counts as planted when at least this share of its voxels is in the
+        truth (coverage-based region truth).
     reliance_subjects : int, default=16
         Test subjects re-rendered to measure the predictor's reliance on each planted
         effect (synthetic cohorts only; see :mod:`brainage_core.reliance`; 0 skips it).
@@ -790,6 +1052,10 @@ class MapsConfig:
     """
 
     target: str = "prediction"
+    perturbation: str = "additive"
+    noise_sd: float = 0.0
+    blur_sigma: float = 2.0
+    loss: str = "l1"
     lam: float = 1.0
     s_min: float = 0.0
     s_max: float = 0.3
@@ -808,6 +1074,13 @@ class MapsConfig:
     calibration_epochs: int = 3
     per_subject_steps: int = 100
     per_subject_lr: float = 0.1
+    per_subject_coarse: int = 2
+    per_subject_fixed_noise: bool = True
+    per_subject_match_mean_b: bool = True
+    per_subject_patience: int = 20
+    faithfulness_draws: int = 4
+    weak_tail: float = 0.05
+    region_coverage: float = 0.5
     timing_subjects: int = 3
     age_band_width: float = 10.0
     age_band_min_subjects: int = 3
@@ -824,7 +1097,16 @@ class MapsConfig:
 
     def __post_init__(self) -> None:
         check_choice("maps.target", self.target, TARGETS)
-        for name in ("lam", "s_min", "tolerance"):
+        check_choice("maps.perturbation", self.perturbation, tuple(PERTURBATIONS))
+        check_choice("maps.loss", self.loss, LOSSES)
+        check_positive("maps.blur_sigma", self.blur_sigma)
+        check_fraction("maps.region_coverage", self.region_coverage, allow_one=True)
+        for name in ("per_subject_fixed_noise", "per_subject_match_mean_b"):
+            if not isinstance(getattr(self, name), bool):
+                raise BrainAgeInputError(
+                    f"'maps.{name}' must be true or false; {getattr(self, name)!r} was provided."
+                )
+        for name in ("lam", "s_min", "tolerance", "noise_sd", "weak_tail"):
             check_positive(f"maps.{name}", getattr(self, name), allow_zero=True)
         for name in ("s_max", "lr", "per_subject_lr", "age_band_width", "reliance_delta"):
             check_positive(f"maps.{name}", getattr(self, name))
@@ -847,6 +1129,9 @@ class MapsConfig:
             "compare_subjects",
             "deletion_steps",
             "reliance_subjects",
+            "per_subject_coarse",
+            "per_subject_patience",
+            "faithfulness_draws",
         ):
             check_positive(
                 f"maps.{name}",
@@ -911,6 +1196,10 @@ class MapsConfig:
             "age_band_width",
             "faithfulness_fraction",
             "reliance_delta",
+            "noise_sd",
+            "blur_sigma",
+            "weak_tail",
+            "region_coverage",
         ):
             if isinstance(d.get(name), int) and not isinstance(d.get(name), bool):
                 d[name] = float(d[name])
@@ -924,9 +1213,13 @@ class MapsConfig:
         """Arguments of :class:`NoiseMapExplainer` (all but ``predictor`` and ``mask``)."""
         return {
             "lam": self.lam,
+            "perturbation": self.perturbation,
             "s_min": self.s_min,
             "s_max": self.s_max,
+            "noise_sd": self.noise_sd,
+            "blur_sigma": self.blur_sigma,
             "target": self.target,
+            "loss": self.loss,
             "channels": self.channels,
             "depth": self.depth,
             "downsample": self.downsample,
