@@ -49,7 +49,6 @@ from tqdm.auto import tqdm
 from ._io import atomic_path
 from ._validation import BrainAgeInputError, check_choice, check_fraction, check_positive
 from .perturbations import (
-    NEEDS_MEAN_IMAGE,
     PERTURBATIONS,
     PerturbationParams,
     additive,
@@ -250,8 +249,12 @@ class _NoiseObjective:
         }
 
     def set_reference(self, data: Any) -> None:
-        """Compute the training-mean image from ``data`` if the perturbation needs it."""
-        if self.perturbation in NEEDS_MEAN_IMAGE and self.reference is None:
+        """Compute the training-mean image from ``data`` (unless one is set).
+
+        "replace_mean" moves voxels toward it; for the other perturbations it is kept as
+        the reference of deletion and insertion curves.
+        """
+        if self.reference is None:
             self.reference = mean_image(as_dataset(data)).to(self.device)
 
     def perturb(

@@ -145,6 +145,23 @@ def truth_on_grid(
     return np.asarray(out.get_fdata()) >= 0.5
 
 
+def image_on_grid(img: nib.Nifti1Image, affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Resample a continuous image (for example the planted strength) onto a grid.
+
+    Linear interpolation; used for the continuous truth ``strength_img``.
+    """
+    src = nib.Nifti1Image(np.asarray(img.get_fdata(), dtype=np.float32), img.affine)
+    out = resample_img(
+        src,
+        target_affine=np.asarray(affine),
+        target_shape=tuple(shape),
+        interpolation="continuous",
+        force_resample=True,
+        copy_header=True,
+    )
+    return np.nan_to_num(np.asarray(out.get_fdata(), dtype=np.float64))
+
+
 def depth_profile(importance: Any, truth: Any, brain: Any, *, max_depth: int = 6) -> pd.DataFrame:
     """Importance by distance to the brain's edge, and localisation within each depth.
 
