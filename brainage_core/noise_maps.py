@@ -790,7 +790,7 @@ class PerSubjectNoiseMap(_NoiseObjective):
     lr : float, default=0.1
         Adam learning rate on the logits.
     init_logit : float, default=0.0
-        Starting logit of B everywhere.
+        Starting logit of B everywhere (with ``mean_b``, the logit of ``mean_b``).
     coarse : int, default=1
         Logits on a grid coarser by this factor (1: one logit per voxel).
     fixed_noise : bool, default=False
@@ -907,9 +907,10 @@ class PerSubjectNoiseMap(_NoiseObjective):
         grid = tuple(x.shape[2:])
         mask = self._brain_mask(grid)
         coarse_shape = tuple(-(-g // self.coarse) for g in grid)
-        params = torch.full(
-            (n, 1, *coarse_shape), self.init_logit, device=self.device, requires_grad=True
-        )
+        start = self.init_logit
+        if self.mean_b is not None:  # start at the operating point
+            start = float(np.log(self.mean_b / (1.0 - self.mean_b)))
+        params = torch.full((n, 1, *coarse_shape), start, device=self.device, requires_grad=True)
         optimiser = torch.optim.Adam([params], lr=self.lr)
         gen = _epoch_generator(self.seed, 0, 3, self.device)
         self._history = []
