@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from .._validation import BrainAgeInputError
+from brainage_core._utils.validation import BrainAgeInputError
 
 #: Benchmark modules in the order ``bench all`` runs them.
 BENCHMARKS = ("data", "predict", "maps")

@@ -1,7 +1,7 @@
 """Benchmark of the data layer: generate and prepare a synthetic cohort.
 
-Prints, for generation (:func:`brainage_core.synth.generate_cohort`) and preparation
-(:func:`brainage_core.cache.prepare_cohort`) of ``--n`` subjects at ``--resolution`` mm:
+Prints, for generation (:func:`brainage_core.data.synth.cohort.generate_cohort`) and preparation
+(:func:`brainage_core.data.cache.prepare_cohort`) of ``--n`` subjects at ``--resolution`` mm:
 
 - seconds per subject (wall clock, with ``--n-jobs`` worker processes);
 - peak RAM: ``ru_maxrss`` of the phase's main process and of its largest worker
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace | Sequence[str] | None = None) -> dict[str, Any
             results["kept"] = str(work)
     _print(results)
     if opts.json_out:
-        from .._io import write_json
+        from brainage_core._utils.io import write_json
 
         write_json(opts.json_out, results)
     return results
@@ -153,9 +153,10 @@ def _run_phase(phase: str, opts: argparse.Namespace, dataset: Path, cache: Path)
 
 def _phase_main(opts: argparse.Namespace) -> None:
     """Body of one phase (in its own process): time it, report rusage as a JSON line."""
-    from ..cache import prepare_cohort
-    from ..manifest import load_bids
-    from ..synth import SynthConfig, generate_cohort
+    from brainage_core.data.cache import prepare_cohort
+    from brainage_core.data.sources.bids import load_bids
+    from brainage_core.data.synth.cohort import generate_cohort
+    from brainage_core.data.synth.config import SynthConfig
 
     out: dict[str, Any] = {}
     start = time.perf_counter()  # after the imports: the figures are the work's own

@@ -7,7 +7,7 @@ subjects' maps and prints
 
 - the localisation AUROC of the population map against the planted mask (goal >= 0.90),
   per effect beside the predictor's reliance on that effect (see
-  :mod:`brainage_core.reliance`), and its relevance mass (against a uniform map's);
+  :mod:`brainage_core.analysis.reliance`), and its relevance mass (against a uniform map's);
 - whether the planted regions are the top-ranked regions (and the share of the top k that
   are planted), with the top regions: a method that always highlights the hippocampus
   and the ventricles, whatever the data, fails the re-planted cohort;
@@ -37,11 +37,11 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .. import explain
-from .._io import write_table
-from ..config import load_config
-from ..noise_maps import MapsConfig
-from ..rundir import RunDir
+from brainage_core._utils.io import write_table
+from brainage_core.study import average, compare, explain, maps
+from brainage_core.study.config import load_config
+from brainage_core.study.maps import MapsConfig
+from brainage_core.study.rundir import RunDir
 
 #: Goals of the study (printed beside the figures).
 GOALS = {"localisation_auroc": 0.90}
@@ -181,12 +181,12 @@ def run_cohort(
     Every noise model gets its own run folder ``<run_dir>/<perturbation>-seed<k>`` (the
     predictor, the cohort, the ground truth and the reliance measurement are shared). For
     each, the population map of the amortised mode and the comparison subjects' maps of
-    both modes are scored alike (:func:`brainage_core.explain.score_map`), with the
+    both modes are scored alike (:func:`brainage_core.study.average.score_map`), with the
     like-for-like faithfulness; the model-free ceiling map is scored once.
     """
-    from ..evaluation import predict
-    from ..study import load_cohort
-    from ..training import TrainConfig, cohort_datasets, train_predictor
+    from brainage_core.data.cohort import load_cohort
+    from brainage_core.models.evaluation import predict
+    from brainage_core.models.training import TrainConfig, cohort_datasets, train_predictor
 
     run = RunDir(run_dir)
     run.write_config(config)
@@ -209,14 +209,14 @@ def run_cohort(
     base = MapsConfig.from_dict(config.get("maps"), seed=config.get("seed", 0))
     if base.num_threads is not None:
         torch.set_num_threads(base.num_threads)
-    shared = explain.MapsStudy(
+    shared = maps.MapsStudy(
         run=run, config=config, settings=base, cohort=cohort, predictor=model
     )
-    truth = explain.load_truth(shared)
+    truth = maps.load_truth(shared)
     shared.truth = truth
-    reliance = explain.model_reliance(shared)
+    reliance = average.model_reliance(shared)
     reliance_section = run.read_metrics().get("reliance")
-    ceiling = explain.score_ceiling(shared)
+    ceiling = average.score_ceiling(shared)
     variants: dict[str, Any] = {}
     for perturbation in perturbations:
         for seed in seeds:
@@ -229,7 +229,7 @@ def run_cohort(
             vrun.write_config(vconfig)
             if reliance_section:
                 vrun.update_metrics("reliance", reliance_section)
-            study = explain.MapsStudy(
+            study = maps.MapsStudy(
                 run=vrun,
                 config=vconfig,
                 settings=settings,
@@ -267,15 +267,15 @@ def _run_variant(
     explain.write_subject_maps(study, fit.explainer)
     maps_seconds = time.perf_counter() - t2
     timing = explain.time_methods(study, fit.explainer).set_index("method")["ms_per_subject"]
-    population = explain.population_maps(study)
-    scores = explain.score_population(study, population)
-    table, _, _ = explain.compare_methods(study, fit.explainer, methods=[], progress=False)
+    population = average.population_maps(study)
+    scores = average.score_population(study, population)
+    table, _, _ = compare.compare_methods(study, fit.explainer, methods=[], progress=False)
     rows = table.set_index("method")
-    convergence = explain.per_subject_convergence(
+    convergence = compare.per_subject_convergence(
         study, fit.explainer, steps=tuple(convergence_steps)
     )
     modes = {}
-    for mode, method in (("amortised", explain.NOISE), ("per_subject", explain.NOISE_PER_SUBJECT)):
+    for mode, method in (("amortised", maps.NOISE), ("per_subject", maps.NOISE_PER_SUBJECT)):
         row = rows.loc[method]
         modes[mode] = {
             "comparison_subjects": _plain(row.to_dict()),

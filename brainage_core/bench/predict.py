@@ -33,13 +33,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..baseline import fit_ridge_baseline
-from ..config import load_config
-from ..datasets import CohortDataset
-from ..evaluation import predict, prediction_metrics, prediction_table, regression_metrics
-from ..models import BrainAgeCNN
-from ..study import load_cohort
-from ..training import TrainConfig, cohort_datasets, train_predictor
+from brainage_core.data.cohort import load_cohort
+from brainage_core.data.datasets import CohortDataset
+from brainage_core.models.baseline import fit_ridge_baseline
+from brainage_core.models.cnn import BrainAgeCNN
+from brainage_core.models.evaluation import (
+    predict,
+    prediction_metrics,
+    prediction_table,
+    regression_metrics,
+)
+from brainage_core.models.training import TrainConfig, cohort_datasets, train_predictor
+from brainage_core.study.config import load_config
 
 #: Goals of the study (printed beside the figures).
 GOALS = {"ratio_test_oracle": 1.3, "ratio_test_baseline": 0.7, "train_minutes": 15.0}

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from .._validation import BrainAgeInputError
+from brainage_core._utils.validation import BrainAgeInputError
 
 #: Subcommand modules, in the order ``--help`` lists them.
 SUBCOMMANDS = ("synth", "prepare", "run", "book", "bench")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .._validation import BrainAgeInputError
-from ..bench import BENCHMARKS, load_benchmark
+from brainage_core._utils.validation import BrainAgeInputError
+from brainage_core.bench import BENCHMARKS, load_benchmark
 
 DESCRIPTION = """\
 Run a benchmark and print its figures (speed, memory, accuracy against the targets of

@@ -7,8 +7,8 @@ import os
 import sys
 import time
 
-from .._validation import BrainAgeInputError
-from ..config import PRESETS, load_config, run_name
+from brainage_core._utils.validation import BrainAgeInputError
+from brainage_core.study.config import PRESETS, load_config, run_name
 
 DESCRIPTION = """\
 Build the study's book (Jupyter Book 1) from a finished run.
@@ -68,7 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def main(args: argparse.Namespace) -> int:
     """Build the book; return the exit code."""
-    from ..book import BookBuildError, build_book
+    from brainage_core.pipeline.book import BookBuildError, build_book
 
     run_dir = args.run_dir
     if run_dir is None:

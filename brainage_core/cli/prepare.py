@@ -7,10 +7,12 @@ import sys
 
 import pandas as pd
 
-from .._validation import check_positive
-from ..cache import prepare_cohort
-from ..manifest import fetch_oasis, load_bids, load_csv
-from ..template import SUPPORTED_RESOLUTIONS
+from brainage_core._utils.validation import check_positive
+from brainage_core.data.cache import prepare_cohort
+from brainage_core.data.sources.bids import load_bids
+from brainage_core.data.sources.csv import load_csv
+from brainage_core.data.sources.oasis import fetch_oasis
+from brainage_core.data.template import SUPPORTED_RESOLUTIONS
 
 DESCRIPTION = """\
 Read a data source into a manifest (participant, image path, age, sex, site), run every

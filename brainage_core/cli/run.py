@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import PRESETS, load_config, run_name
+from brainage_core.study.config import PRESETS, load_config, run_name
 
 DESCRIPTION = """\
 Run the whole study: the notebooks notebooks/NN_step.ipynb (01_data, 02_train,
@@ -94,8 +94,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def main(args: argparse.Namespace) -> int:
     """Resolve the configuration and run the pipeline; return the exit code."""
-    from ..config import dump_config
-    from ..pipeline import NOTEBOOK_DIR, StepFailed, run_pipeline
+    from brainage_core.pipeline.runner import NOTEBOOK_DIR, StepFailed, run_pipeline
+    from brainage_core.study.config import dump_config
 
     config = load_config(args.preset, args.config, [tuple(p) for p in args.params])
     run_dir = args.run_dir or os.path.join(args.runs_root, run_name(config))

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .._io import read_yaml_mapping
-from .._validation import check_positive
-from ..template import SUPPORTED_RESOLUTIONS
+from brainage_core._utils.io import read_yaml_mapping
+from brainage_core._utils.validation import check_positive
+from brainage_core.data.template import SUPPORTED_RESOLUTIONS
 
 DESCRIPTION = """\
 Generate a synthetic ageing cohort from the MNI152 template: each subject's T1 image is
@@ -100,7 +100,8 @@ def synth_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Generate the cohort and print where it is; return the exit code."""
-    from ..synth import SynthConfig, generate_cohort
+    from brainage_core.data.synth.cohort import generate_cohort
+    from brainage_core.data.synth.config import SynthConfig
 
     check_positive("--n-jobs", args.n_jobs, integer=True)
     if args.n is not None:

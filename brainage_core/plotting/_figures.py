@@ -8,7 +8,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-from .._io import atomic_path
+from brainage_core._utils.io import atomic_path
 
 
 def new_figure(axes: Any, size: tuple[float, float]) -> tuple[Figure, Any]:

@@ -1,8 +1,8 @@
 """Figures of the synthetic cohort: subjects of increasing age, and the planted truth.
 
 Both functions take the cohort's folder (written by
-:func:`brainage_core.synth.generate_cohort`), draw with nilearn, and return the matplotlib
-figure; ``output_file`` also saves it.
+:func:`brainage_core.data.synth.generate_cohort`), draw with nilearn, and return the
+matplotlib figure; ``output_file`` also saves it.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from nilearn import plotting
 
-from .._validation import BrainAgeInputError
-from ..synth import EFFECT_KINDS, load_ground_truth
-from ..template import load_template
-from ._figures import save_figure
+from brainage_core._utils.validation import BrainAgeInputError
+from brainage_core.data.synth.cohort import load_ground_truth
+from brainage_core.data.synth.config import EFFECT_KINDS
+from brainage_core.data.template import load_template
+from brainage_core.plotting._figures import save_figure
 
 #: Cuts (MNI mm, x/y/z) through the hippocampi and the bodies of the lateral ventricles.
 DEFAULT_CUT_COORDS = (-26.0, -22.0, 16.0)

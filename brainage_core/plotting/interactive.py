@@ -17,7 +17,7 @@ import numpy as np
 import plotly.graph_objects as go
 import plotly.io as pio
 
-from .._validation import BrainAgeInputError, check_choice
+from brainage_core._utils.validation import BrainAgeInputError, check_choice
 
 #: The renderer of every study notebook (see the module docstring).
 RENDERER = "plotly_mimetype+notebook"

@@ -19,8 +19,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from nilearn import plotting
 
-from .._validation import BrainAgeInputError, check_choice
-from ._figures import new_figure, save_figure
+from brainage_core._utils.validation import BrainAgeInputError, check_choice
+from brainage_core.plotting._figures import new_figure, save_figure
 
 #: Brain views of :func:`plot_importance_map`.
 KINDS = ("stat", "glass")
@@ -102,7 +102,7 @@ def plot_region_ranking(
     Parameters
     ----------
     table : pandas.DataFrame
-        A :func:`brainage_core.regions.region_table`.
+        A :func:`brainage_core.analysis.regions.region_table`.
     n : int, default=15
         Regions shown.
     planted : sequence of str or None, default=None
@@ -147,7 +147,7 @@ def plot_tradeoff(
     Parameters
     ----------
     curve : pandas.DataFrame
-        :attr:`brainage_core.calibration.CalibrationResult.curve` (``lam``,
+        :attr:`brainage_core.explain.noise.calibration.CalibrationResult.curve` (``lam``,
         ``mean_sigma``, ``mae_rise``, optional ``chosen``).
     tolerance : float or None, default=None
         Drawn as a horizontal line.

@@ -3,7 +3,7 @@
 Each figure comes in two versions: a static matplotlib one (returns a
 :class:`matplotlib.figure.Figure`) and an interactive plotly one (returns a
 :class:`plotly.graph_objects.Figure`, hovering a point shows the participant). All take a
-:func:`~brainage_core.evaluation.prediction_table` and ``output_file=None, title=None``.
+:func:`~brainage_core.models.evaluation.prediction_table` and ``output_file=None, title=None``.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import plotly.graph_objects as go
 from matplotlib.figure import Figure
 from plotly.subplots import make_subplots
 
-from .._io import atomic_path
-from .._validation import BrainAgeInputError
-from ._figures import new_figure, save_figure
+from brainage_core._utils.io import atomic_path
+from brainage_core._utils.validation import BrainAgeInputError
+from brainage_core.plotting._figures import new_figure, save_figure
 
 #: Marker colours of the groups of a synthetic cohort (others get matplotlib's cycle).
 GROUP_COLOURS = {"control": "#1f77b4", "accelerated": "#d62728"}

@@ -1,0 +1,633 @@
+"""The prepared cohort: preprocessed images in an on-disk array cache.
+
+:func:`prepare_cohort` runs every image of a manifest through
+:func:`~brainage_core.data.preprocess.preprocess_image` and streams the results into a float16
+memory map, one subject at a time, so a cohort never has to fit in RAM (10,000 subjects
+at 2 mm are about 13 GB on disk and a few hundred MB of RAM). Worker processes compute
+the arrays; the main process alone writes the map.
+
+Layout of ``cache_dir``::
+
+    <key>/                  a complete cache (published atomically, never modified)
+        images.npy          float16 array (N, X, Y, Z), opened as a read-only memmap
+        table.tsv           participants in cache order + split (train/val/test)
+        skipped.tsv         participants left out (on_error="skip") with the reason
+        mask.npy            brain mask of the grid (bool)
+        metadata.json       format version, key, grid, affine, parameters, source
+    <key>.partial/          work in progress: images.npy + done.tsv (resumable)
+    <key>.lock              serialises concurrent preparations of the same key
+
+``key`` is a hash of the manifest's contents (every column, plus the size and
+modification time of each image file), the parameters and :data:`CACHE_FORMAT_VERSION`.
+The work happens in ``<key>.partial/`` and is moved to ``<key>/`` by :func:`os.replace`
+only once complete, so an interrupted preparation leaves nothing a later run trusts; a
+later run with the same inputs resumes from the subjects recorded in ``done.tsv``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import fcntl
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from brainage_core._utils.io import write_json, write_table
+from brainage_core._utils.validation import BrainAgeInputError, check_choice, check_positive
+from brainage_core.data.manifest import ON_ERROR_CHOICES, validate_manifest
+from brainage_core.data.preprocess import PREPROCESSING, preprocess_image
+from brainage_core.data.splits import SPLITS, check_split_fractions, make_splits
+from brainage_core.data.template import SUPPORTED_RESOLUTIONS, Template, load_template
+
+#: Bump when the layout or the preprocessing changes: old caches are then not reused.
+CACHE_FORMAT_VERSION = 1
+
+#: Below this many images to compute, work in-process (starting workers costs seconds).
+MIN_IMAGES_FOR_WORKERS = 8
+
+#: Flush the memmap and the done-record after this many images.
+FLUSH_EVERY = 32
+
+_SKIPPED_COLUMNS = ["participant_id", "path", "reason"]
+
+
+class PreparedCohort:
+    """A complete, read-only prepared cohort (see the module docstring for the layout).
+
+    Use :meth:`open` on a cache folder, or get one from :func:`prepare_cohort` /
+    :func:`brainage_core.data.cohort.load_cohort`.
+
+    Attributes
+    ----------
+    root : pathlib.Path
+        The cache folder.
+    table : pandas.DataFrame
+        One row per image, in cache order: ``participant_id``, ``path``, ``age``, ``sex``,
+        ``site``, any extra manifest column (gap, group, ...) and ``split``.
+    images : numpy.memmap
+        Read-only float16 array of shape ``(N, X, Y, Z)``.
+    mask : numpy.ndarray of bool
+        Brain mask on the grid.
+    affine : numpy.ndarray of shape (4, 4)
+        Voxel-to-MNI affine of the grid.
+    resolution : int
+        Grid spacing in mm.
+    metadata : dict
+        Everything in ``metadata.json``; for a synthetic source it holds
+        ``source_root`` (the dataset folder) and ``oracle_mae``.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        table: pd.DataFrame,
+        images: np.ndarray,
+        mask: np.ndarray,
+        metadata: dict[str, Any],
+    ) -> None:
+        self.root = root
+        self.table = table
+        self.images = images
+        self.mask = mask
+        self.metadata = metadata
+        self.affine = np.asarray(metadata["affine"], dtype=float)
+        self.resolution = int(metadata["resolution"])
+        self._template: Template | None = None
+
+    def __repr__(self) -> str:
+        counts = self.table["split"].value_counts().to_dict()
+        return (
+            f"PreparedCohort({str(self.root)!r}, n={len(self)}, grid={self.shape}, "
+            f"resolution={self.resolution} mm, splits={counts})"
+        )
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Grid shape ``(X, Y, Z)``."""
+        return tuple(int(s) for s in self.images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def template(self) -> Template:
+        """The template on the cohort's grid."""
+        if self._template is None:
+            self._template = load_template(self.resolution)
+        return self._template
+
+    @property
+    def skipped(self) -> pd.DataFrame:
+        """Participants left out of the cache, with the reason (may be empty)."""
+        return _read_tsv(self.root / "skipped.tsv", _SKIPPED_COLUMNS)
+
+    def image(self, index: int) -> np.ndarray:
+        """Return image ``index`` (cache order) as a float32 array ``(X, Y, Z)``."""
+        return np.asarray(self.images[index], dtype=np.float32)
+
+    def indices(self, split: str) -> np.ndarray:
+        """Cache positions of the participants in ``split`` ("train", "val" or "test")."""
+        check_choice("split", split, SPLITS)
+        return np.flatnonzero(self.table["split"].to_numpy() == split)
+
+    def mean_image(self, split: str | None = None) -> np.ndarray:
+        """Mean image of a split (or of the whole cohort), streamed one image at a time.
+
+        Returns
+        -------
+        numpy.ndarray of float32
+            Array of shape :attr:`shape`.
+        """
+        indices = np.arange(len(self)) if split is None else self.indices(split)
+        total = np.zeros(self.shape, dtype=np.float64)
+        for i in indices:
+            total += self.images[i]
+        return (total / max(len(indices), 1)).astype(np.float32)
+
+    def to_image(self, data: np.ndarray) -> nib.Nifti1Image:
+        """Wrap an array on the cohort's grid into a NIfTI image (MNI affine)."""
+        img = nib.Nifti1Image(np.asarray(data), self.affine)
+        img.header.set_xyzt_units("mm")
+        img.set_qform(self.affine, code=4)
+        img.set_sform(self.affine, code=4)
+        return img
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> PreparedCohort:
+        """Open a complete cache folder, checking that it is whole and current.
+
+        Parameters
+        ----------
+        root : str or os.PathLike
+            A ``<key>/`` folder written by :func:`prepare_cohort`.
+
+        Raises
+        ------
+        BrainAgeInputError
+            Naming the folder when it is missing, unfinished (``.partial``), of another
+            format version, or when its files disagree with each other.
+        """
+        root = Path(root).expanduser().resolve()
+        if root.name.endswith(".partial"):
+            raise BrainAgeInputError(
+                "this is an unfinished cache (an interrupted prepare); run the preparation "
+                "again to resume it",
+                root,
+            )
+        if not root.is_dir():
+            raise BrainAgeInputError("prepared cohort folder does not exist", root)
+        meta_path = root / "metadata.json"
+        if not meta_path.is_file():
+            raise BrainAgeInputError("not a prepared cohort: no metadata.json", root)
+        try:
+            metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise BrainAgeInputError(f"not valid JSON: {err}", meta_path) from err
+        version = metadata.get("format_version")
+        if version != CACHE_FORMAT_VERSION:
+            raise BrainAgeInputError(
+                f"cache format version {version!r}; this code reads version "
+                f"{CACHE_FORMAT_VERSION}. Prepare the cohort again.",
+                root,
+            )
+        for name in ("images.npy", "table.tsv", "mask.npy"):
+            if not (root / name).is_file():
+                raise BrainAgeInputError(f"incomplete prepared cohort: {name} is missing", root)
+        try:
+            images = np.load(root / "images.npy", mmap_mode="r")
+        except (ValueError, OSError) as err:
+            raise BrainAgeInputError(f"cannot read images.npy: {err}", root) from err
+        shape = tuple(metadata["shape"])
+        n = int(metadata["n_subjects"])
+        if images.shape != (n, *shape) or images.dtype != np.float16:
+            raise BrainAgeInputError(
+                f"images.npy holds {images.dtype} {images.shape}; metadata.json says float16 "
+                f"{(n, *shape)}",
+                root,
+            )
+        table = _read_tsv(root / "table.tsv")
+        if len(table) != n or "split" not in table.columns:
+            raise BrainAgeInputError(
+                f"table.tsv has {len(table)} rows (split column: "
+                f"{'split' in table.columns}); expected {n} rows with a split",
+                root,
+            )
+        mask = np.load(root / "mask.npy")
+        if mask.shape != shape:
+            raise BrainAgeInputError(f"mask.npy has shape {mask.shape}; expected {shape}", root)
+        return cls(root, table, images, mask.astype(bool), metadata)
+
+
+# -- preparation --------------------------------------------------------------------------
+def prepare_cohort(
+    manifest: pd.DataFrame,
+    cache_dir: str | os.PathLike,
+    *,
+    resolution: int = 2,
+    on_error: str = "raise",
+    split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    seed: int = 0,
+    n_jobs: int = 2,
+    progress: bool = True,
+    metadata: dict[str, Any] | None = None,
+) -> PreparedCohort:
+    """Preprocess every image of a manifest into an on-disk cache (or reuse it).
+
+    Parameters
+    ----------
+    manifest : pandas.DataFrame
+        From :mod:`brainage_core.data.manifest` (``load_bids``, ``load_csv``, ``fetch_oasis``).
+    cache_dir : str or os.PathLike
+        Folder holding the caches; created if needed.
+    resolution : int, default=2
+        Grid spacing in mm (one of :data:`~brainage_core.data.template.SUPPORTED_RESOLUTIONS`).
+    on_error : {"raise", "skip"}, default="raise"
+        What to do with a bad participant (bad manifest row or bad image): stop with an
+        error naming the participant, the file and the problem, or leave it out and list
+        it, with the reason, in ``skipped.tsv`` (:attr:`PreparedCohort.skipped`).
+    split_fractions : sequence of float, default=(0.7, 0.15, 0.15)
+        Train, validation and test fractions of the age-stratified split.
+    seed : int, default=0
+        Seed of the split.
+    n_jobs : int, default=2
+        Worker processes computing the images (the main process writes the cache).
+    progress : bool, default=True
+        Show a progress bar (tqdm; silenced by ``TQDM_DISABLE=1``).
+    metadata : dict or None, default=None
+        Extra metadata stored with the cache; merged over the manifest's own
+        ``attrs["metadata"]`` (source, source_root, oracle_mae).
+
+    Returns
+    -------
+    PreparedCohort
+        The cohort; a second call with the same inputs returns the same cache without
+        computing anything.
+    """
+    check_choice("resolution", resolution, SUPPORTED_RESOLUTIONS)
+    check_choice("on_error", on_error, ON_ERROR_CHOICES)
+    fractions = check_split_fractions(split_fractions)
+    check_positive("n_jobs", n_jobs, integer=True)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise BrainAgeInputError(f"'seed' must be an integer; {seed!r} was provided.")
+    source_meta = dict(getattr(manifest, "attrs", {}).get("metadata", {}))
+    source_meta.update(metadata or {})
+    source = str(source_meta.get("source_root") or source_meta.get("source") or "manifest")
+    clean = validate_manifest(manifest, source, on_error=on_error)
+    if len(clean) == 0:
+        raise BrainAgeInputError("no usable participant in the manifest", source)
+    manifest_skipped = clean.attrs["skipped"]
+
+    params = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "resolution": int(resolution),
+        "preprocessing": PREPROCESSING,
+        "on_error": on_error,
+        "split_fractions": list(fractions),
+        "seed": int(seed),
+        "source": source_meta,
+    }
+    key = cache_key(clean, manifest_skipped, params)
+    cache_dir = Path(cache_dir).expanduser().resolve()
+    final = cache_dir / key
+    if (final / "metadata.json").is_file():
+        return PreparedCohort.open(final)
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with file_lock(cache_dir / f"{key}.lock"):
+        if (final / "metadata.json").is_file():  # another process finished it meanwhile
+            return PreparedCohort.open(final)
+        partial = cache_dir / f"{key}.partial"
+        template = load_template(resolution)
+        records = _compute_images(
+            clean, partial, template, on_error=on_error, n_jobs=n_jobs, progress=progress
+        )
+        _publish(clean, manifest_skipped, records, partial, final, template, params, key)
+    return PreparedCohort.open(final)
+
+
+def cache_key(manifest: pd.DataFrame, skipped: pd.DataFrame, params: dict[str, Any]) -> str:
+    """Hash of a validated manifest (contents and file stats), its skipped rows and params.
+
+    Returns
+    -------
+    str
+        24 hexadecimal characters.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps(params, sort_keys=True, default=str).encode())
+    h.update(manifest.to_csv(index=False).encode())
+    h.update(skipped.to_csv(index=False).encode())
+    for path in manifest["path"]:
+        st = os.stat(path)
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def _compute_images(
+    manifest: pd.DataFrame,
+    partial: Path,
+    template: Template,
+    *,
+    on_error: str,
+    n_jobs: int,
+    progress: bool,
+) -> dict[int, str | None]:
+    """Fill ``partial/images.npy``; return {index: None (done) or skip reason}."""
+    n = len(manifest)
+    shape = (n, *template.shape)
+    partial.mkdir(parents=True, exist_ok=True)
+    images_path = partial / "images.npy"
+    done_path = partial / "done.tsv"
+    writer = ImageFileWriter.resume(images_path, shape)
+    records = _read_done(done_path, n) if writer is not None else {}
+    if writer is None:
+        done_path.unlink(missing_ok=True)
+        writer = ImageFileWriter.create(images_path, shape)
+
+    todo = [i for i in range(n) if i not in records]
+    paths = manifest["path"].tolist()
+    ids = manifest["participant_id"].tolist()
+    pending: list[tuple[int, str | None]] = []
+
+    def flush() -> None:
+        if pending:
+            writer.flush()
+            with open(done_path, "a", encoding="utf-8") as fh:
+                for i, reason in pending:
+                    fh.write(f"{i}\t{'' if reason is None else reason}\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            for i, reason in pending:
+                records[i] = reason
+            pending.clear()
+
+    bar = tqdm(
+        total=n,
+        initial=n - len(todo),
+        desc=f"prepare {template.resolution} mm",
+        unit="img",
+        **({} if progress else {"disable": True}),  # else TQDM_DISABLE decides
+    )
+    results = _iter_results(todo, paths, template.resolution, n_jobs)
+    try:
+        for i, array, error in results:
+            if error is not None:
+                reason, where = error
+                if on_error == "raise":
+                    raise BrainAgeInputError(
+                        f"participant {ids[i]!r}: {reason} (use on_error='skip' to skip "
+                        "such participants)",
+                        where,
+                    )
+                pending.append((i, reason))
+            else:
+                writer.write(i, array)
+                pending.append((i, None))
+            if len(pending) >= FLUSH_EVERY:
+                flush()
+            bar.update(1)
+    finally:
+        results.close()  # stops the workers now, also on an error or an interrupt
+        flush()
+        writer.close()
+        bar.close()
+    return records
+
+
+def _iter_results(
+    todo: list[int], paths: list[str], resolution: int, n_jobs: int
+) -> Iterator[tuple[int, np.ndarray | None, tuple[str, str] | None]]:
+    """Yield ``(index, float16 array or None, (reason, file) or None)`` as images finish."""
+    if n_jobs == 1 or len(todo) < MIN_IMAGES_FOR_WORKERS:
+        for i in todo:
+            yield _prepare_one(i, paths[i], resolution)
+        return
+    # fork (Linux) starts workers at once, shares the loaded template and, unlike spawn,
+    # works from scripts without an ``if __name__ == "__main__"`` guard.
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
+    context = multiprocessing.get_context(method)
+    window = 2 * n_jobs + 2
+    queue = iter(todo)
+    with cf.ProcessPoolExecutor(max_workers=min(n_jobs, len(todo)), mp_context=context) as ex:
+        running: set[cf.Future] = set()
+        try:
+            for i in queue:
+                running.add(ex.submit(_prepare_one, i, paths[i], resolution))
+                if len(running) >= window:
+                    break
+            while running:
+                finished, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for fut in finished:
+                    yield fut.result()
+                    nxt = next(queue, None)
+                    if nxt is not None:
+                        running.add(ex.submit(_prepare_one, nxt, paths[nxt], resolution))
+        finally:
+            for fut in running:
+                fut.cancel()
+
+
+def _prepare_one(
+    index: int, path: str, resolution: int
+) -> tuple[int, np.ndarray | None, tuple[str, str] | None]:
+    """Preprocess one image (runs in a worker); errors are returned, not raised."""
+    try:
+        array = preprocess_image(path, load_template(resolution))
+    except BrainAgeInputError as err:
+        message = str(err)
+        prefix = f"{err.path}: " if err.path else ""
+        reason = message[len(prefix) :] if prefix and message.startswith(prefix) else message
+        return index, None, (reason, err.path or path)
+    return index, array.astype(np.float16), None
+
+
+def _publish(
+    manifest: pd.DataFrame,
+    manifest_skipped: pd.DataFrame,
+    records: dict[int, str | None],
+    partial: Path,
+    final: Path,
+    template: Template,
+    params: dict[str, Any],
+    key: str,
+) -> None:
+    """Compact, write the table, splits and metadata, then move ``partial`` to ``final``."""
+    n = len(manifest)
+    ok = np.array([records.get(i, "not processed") is None for i in range(n)])
+    image_skipped = pd.DataFrame(
+        [
+            {
+                "participant_id": manifest.at[i, "participant_id"],
+                "path": manifest.at[i, "path"],
+                "reason": records[i],
+            }
+            for i in range(n)
+            if not ok[i]
+        ],
+        columns=_SKIPPED_COLUMNS,
+    )
+    skipped = pd.concat([manifest_skipped[_SKIPPED_COLUMNS], image_skipped], ignore_index=True)
+    if not ok.any():
+        raise BrainAgeInputError(
+            f"every participant was skipped; first reasons: {skipped['reason'].head(3).tolist()}",
+            params["source"].get("source_root"),
+        )
+    images_path = partial / "images.npy"
+    if not ok.all():  # drop the skipped slots, streaming
+        src = np.load(images_path, mmap_mode="r")
+        compact_path = partial / "images.compact.npy"
+        dst = ImageFileWriter.create(compact_path, (int(ok.sum()), *src.shape[1:]))
+        for j, i in enumerate(np.flatnonzero(ok)):
+            dst.write(j, src[i])
+        dst.close()
+        del src
+        os.replace(compact_path, images_path)
+
+    table = manifest.loc[ok].reset_index(drop=True).copy()
+    table["split"] = make_splits(table["age"].to_numpy(), params["split_fractions"], params["seed"])
+    write_table(partial / "table.tsv", table)
+    write_table(partial / "skipped.tsv", skipped)
+    np.save(partial / "mask.npy", np.asarray(template.mask, dtype=bool))
+    (partial / "done.tsv").unlink(missing_ok=True)
+    counts = {s: int((table["split"] == s).sum()) for s in SPLITS}
+    metadata = {
+        **params["source"],
+        "format_version": CACHE_FORMAT_VERSION,
+        "key": key,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "n_subjects": int(ok.sum()),
+        "n_skipped": int(len(skipped)),
+        "split_counts": counts,
+        "resolution": params["resolution"],
+        "shape": list(template.shape),
+        "affine": np.asarray(template.affine).tolist(),
+        "dtype": "float16",
+        "preprocessing": params["preprocessing"],
+        "on_error": params["on_error"],
+        "split_fractions": params["split_fractions"],
+        "seed": params["seed"],
+    }
+    write_json(partial / "metadata.json", metadata)
+    if final.exists():  # a stale, incomplete folder (no metadata.json): replace it
+        shutil.rmtree(final)
+    os.replace(partial, final)
+
+
+class ImageFileWriter:
+    """Write images one by one into a float16 ``.npy`` file, by offset.
+
+    The main process writes each image with :func:`os.pwrite` at its place in the file
+    instead of mapping the whole array, so its memory stays that of one image however
+    large the cohort (the written pages live in the page cache, not in the process).
+
+    Use :meth:`create` for a new file, :meth:`resume` to continue an existing one.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...], offset: int) -> None:
+        self.path = path
+        self.shape = shape
+        self.offset = offset
+        self.image_bytes = int(np.prod(shape[1:])) * 2
+        self._fd = os.open(path, os.O_RDWR)
+
+    @classmethod
+    def create(cls, path: Path, shape: tuple[int, ...]) -> ImageFileWriter:
+        """Create (or overwrite) ``path`` as a sparse float16 array of ``shape``."""
+        header = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+        offset = int(header.offset)
+        del header
+        return cls(path, shape, offset)
+
+    @classmethod
+    def resume(cls, path: Path, shape: tuple[int, ...]) -> ImageFileWriter | None:
+        """Reopen ``path`` if it is a float16 array of ``shape``; None otherwise."""
+        if not path.is_file():
+            return None
+        try:
+            with open(path, "rb") as fh:
+                version = np.lib.format.read_magic(fh)
+                read = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                file_shape, fortran, dtype = read(fh)
+                offset = fh.tell()
+        except (ValueError, OSError):
+            return None
+        expected = offset + int(np.prod(shape)) * 2
+        if (
+            tuple(file_shape) != tuple(shape)
+            or fortran
+            or dtype != np.float16
+            or path.stat().st_size != expected
+        ):
+            return None
+        return cls(path, shape, offset)
+
+    def write(self, index: int, array: np.ndarray) -> None:
+        """Write image ``index``."""
+        data = np.ascontiguousarray(array, dtype=np.float16)
+        if data.shape != self.shape[1:]:
+            raise ValueError(f"image of shape {data.shape}; expected {self.shape[1:]}")
+        os.pwrite(self._fd, data.tobytes(), self.offset + index * self.image_bytes)
+
+    def flush(self) -> None:
+        """Make the written images durable (fsync)."""
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        if self._fd >= 0:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
+
+# -- helpers ------------------------------------------------------------------------------
+def _read_done(path: Path, n: int) -> dict[int, str | None]:
+    records: dict[int, str | None] = {}
+    if not path.is_file():
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        idx, _, reason = line.partition("\t")
+        if idx.isdigit() and int(idx) < n:
+            records[int(idx)] = reason or None
+    return records
+
+
+def _read_tsv(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    if not path.is_file():
+        return pd.DataFrame(columns=columns or [])
+    table = pd.read_csv(
+        path,
+        sep="\t",
+        na_values=["n/a"],
+        keep_default_na=False,
+        dtype={"participant_id": str, "path": str, "sex": object, "site": str},
+    )
+    return table
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``fcntl.flock``) on ``path`` for the block."""
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

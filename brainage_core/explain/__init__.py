@@ -1,0 +1,1 @@
+"""Explainers: voxel-level importance maps of a trained predictor."""

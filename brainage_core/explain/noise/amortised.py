@@ -1,0 +1,491 @@
+"""Noise-model importance maps: U-Noise adapted to brain-age regression.
+
+The trained predictor ``f`` is frozen. A 3D U-Net ``g`` looks at an image ``x`` and
+outputs ``B = sigmoid(g(x))`` in (0, 1), one value per voxel. Inside the brain mask the
+image is perturbed as
+
+    x~ = x + eps * (s_min + B * (s_max - s_min)),   eps ~ N(0, 1),
+
+and ``g`` minimises ``|f(x~) - target| - lambda * mean_brain(log B)``. The second term
+pushes the noise up everywhere; the first keeps the prediction intact, so noise stays
+low only where ``f`` needs the voxels. The importance map is ``1 - B`` (zero outside the
+brain mask, where no noise is applied and ``B`` is unconstrained).
+
+Two ways to obtain maps share this objective:
+
+* :class:`NoiseMapExplainer` trains ``g`` once on a training set (amortised); a map then
+  costs one forward pass of ``g``.
+* :class:`PerSubjectNoiseMap` optimises the logits of ``B`` directly for each image, the
+  way meaningful perturbations (Fong and Vedaldi, 2017) do: slower, no training set.
+
+**The target.** ``target="prediction"`` (the default) uses ``f``'s own prediction on the
+clean image: the map then explains what *the model* uses, and noise that happens to
+move a wrong prediction towards the true age is not rewarded. ``target="age"`` uses the
+chronological age as the paper did (Bintsi et al., 2021); it mixes model error into the
+map and needs ages for every image.
+
+Both classes follow captum's surface: built around the model, ``attribute(inputs)``
+returns a tensor shaped like ``inputs``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from brainage_core._utils.io import atomic_path
+from brainage_core._utils.torch import frozen, predict_batch
+from brainage_core._utils.validation import (
+    BrainAgeInputError,
+    check_positive,
+)
+from brainage_core.explain.noise.objective import (
+    NoiseObjective,
+    as_dataset,
+    check_inputs,
+    epoch_generator,
+    split_item,
+    task_loss,
+)
+from brainage_core.models.unet import UNet3D
+
+#: Version of the checkpoint layout written by :meth:`NoiseMapExplainer.save`.
+CHECKPOINT_VERSION = 1
+
+
+# -- the amortised explainer -----------------------------------------------------------------
+class NoiseMapExplainer(NoiseObjective):
+    """Amortised noise-model importance maps (U-Noise for regression).
+
+    Parameters
+    ----------
+    predictor : torch.nn.Module
+        Trained model mapping images ``(N, 1, X, Y, Z)`` to predictions ``(N,)``. It is
+        frozen (eval mode, no weight gradients) while the noise model trains or explains,
+        and restored afterwards; its weights are never changed.
+    mask : array-like of bool or None, default=None
+        Brain mask on the image grid; noise is applied, and the regulariser averaged,
+        only inside it. None means every voxel.
+    lam : float, default=1.0
+        Weight lambda of ``-mean_brain(log B)``: larger means more noise and sparser maps.
+        Pick it with :func:`brainage_core.calibration.calibrate_lambda`.
+    s_min, s_max : float, default=0.0, 1.0
+        Noise standard deviation at ``B = 0`` and ``B = 1`` in image intensity units.
+    target : {"prediction", "age"}, default="prediction"
+        What the noisy prediction is compared with (see the module docstring; "age" is
+        the paper's).
+    perturbation : str, default="additive"
+        A name in :data:`brainage_core.perturbations.PERTURBATIONS`: "additive" is the
+        paper's noise, "replace_mean" and "replace_blur" move voxels toward a reference
+        image (they remove information instead of adding noise).
+    noise_sd : float, default=0.0
+        Extra Gaussian noise at ``B = 1`` of the replacement perturbations (0: none).
+    blur_sigma : float, default=2.0
+        Blur of "replace_blur", in voxels.
+    loss : {"l1", "l2"}, default="l1"
+        Task loss: ``|f(x~) - t|`` or ``(f(x~) - t)**2``.
+    reference : array-like or None, default=None
+        The training-mean image of "replace_mean" (None: computed in :meth:`fit` from the
+        training data).
+    channels, depth : int, default=8, 2
+        Width and depth of the :class:`~brainage_core.unet.UNet3D` noise model.
+    downsample : int, default=1
+        Run the U-Net on the image average-pooled by this factor and upsample its logits
+        (trilinear) to the full grid: about ``downsample ** 3`` times cheaper, with maps
+        smoother at the scale of ``downsample`` voxels.
+    init_bias : float, default=0.0
+        Initial logit of B (0 gives B = 0.5 everywhere).
+    seed : int, default=0
+        Seeds the noise model's initial weights, the data order and the noise.
+
+    Attributes
+    ----------
+    noise_model : UNet3D
+        The network ``g``.
+    history_ : pandas.DataFrame
+        One row per training epoch (losses, mean B, validation figures, seconds).
+
+    Examples
+    --------
+    >>> explainer = NoiseMapExplainer(model, mask=cohort.mask, lam=1.0)  # doctest: +SKIP
+    >>> explainer.fit(train_dataset, checkpoint_path="run/checkpoints/noise_model.pt")
+    >>> importance = explainer.attribute(images)   # shaped like images
+    """
+
+    def __init__(
+        self,
+        predictor: nn.Module,
+        *,
+        mask: Any = None,
+        lam: float = 1.0,
+        s_min: float = 0.0,
+        s_max: float = 1.0,
+        target: str = "prediction",
+        perturbation: str = "additive",
+        noise_sd: float = 0.0,
+        blur_sigma: float = 2.0,
+        loss: str = "l1",
+        reference: Any = None,
+        channels: int = 8,
+        depth: int = 2,
+        downsample: int = 1,
+        init_bias: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            predictor,
+            mask=mask,
+            lam=lam,
+            s_min=s_min,
+            s_max=s_max,
+            target=target,
+            perturbation=perturbation,
+            noise_sd=noise_sd,
+            blur_sigma=blur_sigma,
+            loss=loss,
+            reference=reference,
+            seed=seed,
+        )
+        self.channels = int(channels)
+        self.depth = int(depth)
+        self.downsample = int(check_positive("downsample", downsample, integer=True))
+        self.init_bias = float(init_bias)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.noise_model = UNet3D(
+                channels=self.channels, depth=self.depth, init_bias=self.init_bias
+            )
+        self.noise_model.to(self.device)
+        self._history: list[dict[str, float]] = []
+        self.epochs_trained = 0
+        #: Epoch (1-based) whose weights are kept: the best validation objective.
+        self.best_epoch: int | None = None
+        self._best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+
+    # -- settings -------------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """The hyper-parameters that define this explainer (stored in checkpoints)."""
+        return {
+            "lam": self.lam,
+            **self.perturbation_settings(),
+            "target": self.target,
+            "loss": self.loss,
+            "channels": self.channels,
+            "depth": self.depth,
+            "downsample": self.downsample,
+            "init_bias": self.init_bias,
+            "seed": self.seed,
+        }
+
+    @property
+    def history_(self) -> pd.DataFrame:
+        return pd.DataFrame(self._history)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of B on the grid of ``x`` (the U-Net may run on a coarser grid)."""
+        if self.downsample == 1:
+            return self.noise_model(x)
+        k = self.downsample
+        coarse = self.noise_model(F.avg_pool3d(x, kernel_size=k, stride=k, ceil_mode=True))
+        return F.interpolate(coarse, size=tuple(x.shape[2:]), mode="trilinear", align_corners=False)
+
+    # -- training -------------------------------------------------------------------------
+    def fit(
+        self,
+        train_data: Any,
+        val_data: Any = None,
+        *,
+        epochs: int = 10,
+        batch_size: int = 4,
+        lr: float = 1e-3,
+        checkpoint_path: str | os.PathLike | None = None,
+        resume: bool = True,
+        progress: bool = True,
+    ) -> NoiseMapExplainer:
+        """Train the noise model with the predictor frozen.
+
+        Parameters
+        ----------
+        train_data : Dataset or torch.Tensor or tuple
+            Training images (see :func:`as_dataset`).
+        val_data : Dataset or torch.Tensor or tuple or None, default=None
+            Validation images, evaluated after each epoch with seeded noise.
+        epochs : int, default=10
+            Total number of epochs (including those already in a resumed checkpoint).
+        batch_size : int, default=4
+            Images per optimisation step.
+        lr : float, default=1e-3
+            Adam learning rate.
+        checkpoint_path : str or os.PathLike or None, default=None
+            Written atomically after every epoch. If it exists and ``resume`` is true,
+            training continues from it (an exact replay: data order and noise are seeded
+            per epoch); a finished checkpoint is simply loaded.
+        resume : bool, default=True
+            Continue from ``checkpoint_path`` if it exists; otherwise start afresh and
+            overwrite it.
+        progress : bool, default=True
+            Show a tqdm progress bar over epochs.
+
+        Returns
+        -------
+        NoiseMapExplainer
+            ``self``, trained.
+        """
+        check_positive("epochs", epochs, integer=True)
+        check_positive("batch_size", batch_size, integer=True)
+        check_positive("lr", lr)
+        train_set = as_dataset(train_data, "train_data")
+        val_set = None if val_data is None else as_dataset(val_data, "val_data")
+        optimiser = torch.optim.Adam(self.noise_model.parameters(), lr=lr)
+        if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
+            self._load_checkpoint(checkpoint_path, optimiser)
+        self.set_reference(train_set)
+        bar = tqdm(
+            range(self.epochs_trained, epochs),
+            total=epochs,
+            initial=self.epochs_trained,
+            desc="noise model",
+            unit="epoch",
+            disable=None if progress else True,
+        )
+        with frozen(self.predictor):
+            for epoch in bar:
+                start = time.perf_counter()
+                row = self._train_epoch(train_set, optimiser, epoch, batch_size)
+                if val_set is not None:
+                    val = self.evaluate(val_set, batch_size=batch_size, seed_offset=epoch)
+                    row.update({f"val_{k}": v for k, v in val.items()})
+                    row["val_objective"] = val["task"] + self.lam * val["reg"]
+                    if self._best is None or row["val_objective"] <= self._best[0]:
+                        self._best = (row["val_objective"], epoch + 1, self._state())
+                row["seconds"] = time.perf_counter() - start
+                row["epoch"] = epoch + 1
+                self._history.append(row)
+                self.epochs_trained = epoch + 1
+                bar.set_postfix(loss=f"{row['loss']:.3f}", mean_b=f"{row['mean_b']:.2f}")
+                if checkpoint_path is not None:
+                    self.save(checkpoint_path, optimiser=optimiser)
+        bar.close()
+        if self._best is not None:
+            # keep the epoch with the best validation objective, not the last one
+            self.noise_model.load_state_dict(self._best[2])
+            self.best_epoch = self._best[1]
+            if checkpoint_path is not None:
+                self.save(checkpoint_path, optimiser=optimiser)
+        self.noise_model.eval()
+        return self
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.noise_model.state_dict().items()}
+
+    def _train_epoch(
+        self, dataset: Dataset, optimiser: torch.optim.Optimizer, epoch: int, batch_size: int
+    ) -> dict[str, float]:
+        self.noise_model.train()
+        order = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([self.seed, epoch, 0]).generate_state(1)[0])
+        )
+        noise = epoch_generator(self.seed, epoch, 1, self.device)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=order)
+        totals = {"loss": 0.0, "task": 0.0, "reg": 0.0, "mean_b": 0.0}
+        count = 0
+        for batch in loader:
+            x, ages = split_item(batch)
+            x = x.to(self.device)
+            targets = self._targets(x, ages)
+            logits = self._logits(x)
+            task, reg, b = self._loss(x, logits, targets, noise)
+            loss = task.mean() + self.lam * reg.mean()
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            n = x.shape[0]
+            mask = self._brain_mask(tuple(x.shape[2:]))
+            totals["loss"] += float(loss.detach()) * n
+            totals["task"] += float(task.detach().sum())
+            totals["reg"] += float(reg.detach().sum())
+            totals["mean_b"] += float(((b.detach() * mask).flatten(1).sum(1) / mask.sum()).sum())
+            count += n
+        return {k: v / max(count, 1) for k, v in totals.items()}
+
+    # -- inference ------------------------------------------------------------------------
+    @torch.no_grad()
+    def noise_level(self, inputs: torch.Tensor, *, batch_size: int = 8) -> torch.Tensor:
+        """Return ``B = sigmoid(g(x))`` shaped like ``inputs`` (on ``inputs``' device)."""
+        x = check_inputs(inputs)
+        was_training = self.noise_model.training
+        self.noise_model.eval()
+        try:
+            parts = [
+                torch.sigmoid(self._logits(chunk.to(self.device))).to(x.device)
+                for chunk in torch.split(x, batch_size)
+            ]
+        finally:
+            self.noise_model.train(was_training)
+        return torch.cat(parts).reshape(torch.as_tensor(inputs).shape)
+
+    def attribute(self, inputs: torch.Tensor, *, batch_size: int = 8) -> torch.Tensor:
+        """Importance ``1 - B`` for each image, shaped like ``inputs``.
+
+        Parameters
+        ----------
+        inputs : torch.Tensor of shape (N, 1, X, Y, Z) or (1, X, Y, Z)
+            Images on the grid the noise model was trained on.
+        batch_size : int, default=8
+            Images per forward pass.
+
+        Returns
+        -------
+        torch.Tensor
+            Importance in [0, 1], zero outside the brain mask; no gradient attached.
+        """
+        inputs = torch.as_tensor(inputs)
+        b = check_inputs(self.noise_level(inputs, batch_size=batch_size))
+        return self._importance(b.to(self.device)).to(inputs.device).reshape(inputs.shape)
+
+    @torch.no_grad()
+    def evaluate(
+        self, data: Any, *, batch_size: int = 8, n_draws: int = 1, seed_offset: int = 0
+    ) -> dict[str, float]:
+        """Predictor error on clean and noised images of ``data``.
+
+        Returns
+        -------
+        dict
+            ``task``: mean ``|f(x~) - target|``; ``shift``: mean ``|f(x~) - f(x)|``;
+            ``clean_mae`` and ``noisy_mae`` against the true age (NaN without ages);
+            ``mean_b``, ``mean_sigma`` (mean noise standard deviation in the brain, for
+            the additive perturbation) and ``reg`` (the regulariser ``-mean log B``).
+        """
+        dataset = as_dataset(data)
+        was_training = self.noise_model.training
+        self.noise_model.eval()
+        sums = dict.fromkeys(
+            ["task", "shift", "clean_mae", "noisy_mae", "mean_b", "mean_sigma", "reg"], 0.0
+        )
+        count = 0
+        gen = epoch_generator(self.seed, 10_000 + seed_offset, 2, self.device)
+        with frozen(self.predictor):
+            for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+                x, ages = split_item(batch)
+                x, ages = x.to(self.device), ages.to(self.device)
+                clean = predict_batch(self.predictor, x)
+                targets = clean if self.target == "prediction" else self._targets(x, ages)
+                logits = self._logits(x)
+                b = torch.sigmoid(logits)
+                mask = self._brain_mask(tuple(x.shape[2:]))
+                for _ in range(n_draws):
+                    noisy = predict_batch(self.predictor, self.perturb(x, b, gen))
+                    task = task_loss(noisy - targets, self.loss)
+                    sums["task"] += float(task.sum()) / n_draws
+                    sums["shift"] += float((noisy - clean).abs().sum()) / n_draws
+                    sums["noisy_mae"] += float((noisy - ages).abs().sum()) / n_draws
+                sums["clean_mae"] += float((clean - ages).abs().sum())
+                mean_b = (b * mask).flatten(1).sum(1) / mask.sum()
+                sums["mean_b"] += float(mean_b.sum())
+                reg = -(F.logsigmoid(logits) * mask).flatten(1).sum(1) / mask.sum()
+                sums["reg"] += float(reg.sum())
+                sums["mean_sigma"] += float((self.s_min + mean_b * (self.s_max - self.s_min)).sum())
+                count += x.shape[0]
+        self.noise_model.train(was_training)
+        return {k: v / max(count, 1) for k, v in sums.items()}
+
+    # -- persistence ----------------------------------------------------------------------
+    def save(
+        self, path: str | os.PathLike, *, optimiser: torch.optim.Optimizer | None = None
+    ) -> Path:
+        """Write a checkpoint atomically (weights, settings, history, optimiser state)."""
+        state = {
+            "kind": "noise_model",
+            "version": CHECKPOINT_VERSION,
+            "settings": self.settings(),
+            "state_dict": {k: v.detach().cpu() for k, v in self.noise_model.state_dict().items()},
+            "optimizer": None if optimiser is None else optimiser.state_dict(),
+            "epochs_trained": self.epochs_trained,
+            "best_epoch": self.best_epoch,
+            "best": (
+                None
+                if self._best is None
+                else {
+                    "objective": self._best[0],
+                    "epoch": self._best[1],
+                    "state_dict": self._best[2],
+                }
+            ),
+            "history": self._history,
+            "reference": None if self.reference is None else self.reference.detach().cpu(),
+        }
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+        return Path(path)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        predictor: nn.Module,
+        *,
+        mask: Any = None,
+    ) -> NoiseMapExplainer:
+        """Rebuild a trained explainer from a checkpoint written by :meth:`save` or :meth:`fit`.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The checkpoint.
+        predictor : torch.nn.Module
+            The predictor the noise model was trained for.
+        mask : array-like of bool or None, default=None
+            The brain mask used in training.
+        """
+        state = read_checkpoint(path)
+        explainer = cls(predictor, mask=mask, reference=state.get("reference"), **state["settings"])
+        explainer.noise_model.load_state_dict(state["state_dict"])
+        explainer.noise_model.eval()
+        explainer.epochs_trained = int(state["epochs_trained"])
+        explainer.best_epoch = state.get("best_epoch")
+        explainer._history = list(state["history"])
+        return explainer
+
+    def _load_checkpoint(self, path: str | os.PathLike, optimiser: torch.optim.Optimizer) -> None:
+        state = read_checkpoint(path)
+        if state["settings"] != self.settings():
+            raise BrainAgeInputError(
+                f"checkpoint was trained with settings {state['settings']}, which differ from "
+                f"this explainer's {self.settings()}; delete it or pass resume=False.",
+                path,
+            )
+        self.noise_model.load_state_dict(state["state_dict"])
+        if state["optimizer"] is not None:
+            optimiser.load_state_dict(state["optimizer"])
+        self.epochs_trained = int(state["epochs_trained"])
+        self._history = list(state["history"])
+        if state.get("reference") is not None:
+            self.reference = state["reference"].to(self.device)
+        self.best_epoch = state.get("best_epoch")
+        best = state.get("best")
+        if best is not None:
+            self._best = (float(best["objective"]), int(best["epoch"]), best["state_dict"])
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise BrainAgeInputError("noise-model checkpoint not found", path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same input error
+        raise BrainAgeInputError(f"not a readable noise-model checkpoint ({err})", path) from err
+    if not isinstance(state, dict) or state.get("kind") != "noise_model":
+        raise BrainAgeInputError("not a noise-model checkpoint", path)
+    return state

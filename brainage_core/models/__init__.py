@@ -1,0 +1,1 @@
+"""Predictors of brain age: architectures, the training loop, evaluation and baselines."""

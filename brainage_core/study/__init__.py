@@ -1,0 +1,1 @@
+"""The study's steps, one module per notebook, and the run folder they share."""

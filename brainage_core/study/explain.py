@@ -1,0 +1,348 @@
+"""The importance-map steps of a study run, as the notebooks call them.
+
+A run folder (:class:`~brainage_core.study.rundir.RunDir`) holds the configuration, the trained
+predictor and everything the map steps write:
+
+* ``checkpoints/noise_model.pt``: the amortised noise model (resumable);
+* ``tables/lambda_calibration.csv``: the MAE–noise trade-off curve, if lambda was
+  calibrated;
+* ``maps/sub-XXXX_importance.nii.gz``: per-subject maps (template space), indexed by
+  ``tables/subject_maps.csv``;
+* ``maps/population_importance.nii.gz`` and ``population_age-<lo>-<hi>_importance.nii.gz``;
+* ``tables/regions.csv``, ``tables/method_comparison.csv``, ``tables/deletion_curves.csv``;
+* ``metrics.json`` sections ``maps`` ({method: {localisation_auroc, relevance_mass,
+  deletion_auc, ms_per_subject, ...}}) and ``regions`` ({"top": [...]}).
+
+Each function here is one step of notebooks ``03_explain``, ``04_average`` and
+``06_compare_methods``; they hold no computation of their own beyond wiring.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from brainage_core._utils.io import save_nifti, write_json, write_table
+from brainage_core._utils.validation import BrainAgeInputError
+from brainage_core.explain.noise.amortised import NoiseMapExplainer, read_checkpoint
+from brainage_core.explain.noise.calibration import calibrate_lambda
+from brainage_core.explain.noise.per_subject import PerSubjectNoiseMap
+from brainage_core.study.maps import (
+    CALIBRATION_TABLE,
+    MAPS_SOURCE,
+    NOISE,
+    NOISE_PER_SUBJECT,
+    SUBJECT_MAPS_TABLE,
+    MapsStudy,
+    merge_metrics,
+    subject_map_path,
+)
+
+
+# -- 03: fit the noise model ---------------------------------------------------------------
+@dataclass
+class FitResult:
+    """Outcome of :func:`fit_noise_model`.
+
+    Attributes
+    ----------
+    explainer : NoiseMapExplainer
+        The trained amortised explainer.
+    calibration : pandas.DataFrame or None
+        The lambda trade-off curve, if lambda was calibrated.
+    train_seconds : float
+        Total training time of the noise model (all epochs, resumed ones included).
+    """
+
+    explainer: NoiseMapExplainer
+    calibration: pd.DataFrame | None
+    train_seconds: float
+
+
+def fit_noise_model(study: MapsStudy, *, progress: bool = True) -> FitResult:
+    """Fit (or resume, or load) the amortised noise model of the run.
+
+    If ``maps.calibrate`` is true, lambda is first calibrated on the training and
+    validation splits (once: the curve is kept in ``tables/lambda_calibration.csv`` and
+    reused). The model trains on the training split with the validation split monitored,
+    checkpointing to ``checkpoints/noise_model.pt`` after every epoch; a complete
+    checkpoint with the same settings is loaded instead. A checkpoint with other settings
+    (the config changed) is replaced, with a warning.
+    """
+    s = study.settings
+    kwargs = s.explainer_kwargs()
+    curve = None
+    if s.calibrate:
+        curve = _calibration_curve(study, progress=progress)
+        kwargs["lam"] = float(curve.loc[curve["chosen"], "lam"].iloc[0])
+    explainer = NoiseMapExplainer(study.predictor, mask=study.cohort.mask, **kwargs)
+    resume = True
+    if study.noise_checkpoint.is_file():
+        stored = read_checkpoint(study.noise_checkpoint)["settings"]
+        if stored != explainer.settings():
+            warnings.warn(
+                f"{study.noise_checkpoint}: trained with {stored}, the config now asks for "
+                f"{explainer.settings()}; training a new noise model.",
+                stacklevel=2,
+            )
+            resume = False
+    explainer.fit(
+        study.subset("train", s.max_train_subjects),
+        study.subset("val", s.max_val_subjects),
+        epochs=s.epochs,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        checkpoint_path=study.noise_checkpoint,
+        resume=resume,
+        progress=progress,
+    )
+    seconds = float(explainer.history_["seconds"].sum())
+    study.run.update_metrics(
+        "maps",
+        {
+            NOISE: {
+                **study.run.read_metrics().get("maps", {}).get(NOISE, {}),
+                "lam": explainer.lam,
+                "epochs": explainer.epochs_trained,
+                "train_seconds": seconds,
+                "target": explainer.target,
+            }
+        },
+    )
+    return FitResult(explainer=explainer, calibration=curve, train_seconds=seconds)
+
+
+def load_noise_model(study: MapsStudy) -> NoiseMapExplainer:
+    """The trained noise model of the run (``checkpoints/noise_model.pt``)."""
+    if not study.noise_checkpoint.is_file():
+        raise BrainAgeInputError(
+            "no trained noise model: run notebooks/03_explain.ipynb first", study.noise_checkpoint
+        )
+    return NoiseMapExplainer.load(study.noise_checkpoint, study.predictor, mask=study.cohort.mask)
+
+
+def _calibration_curve(study: MapsStudy, *, progress: bool) -> pd.DataFrame:
+    path = study.run.tables / CALIBRATION_TABLE
+    s = study.settings
+    if path.is_file():
+        curve = pd.read_csv(path)
+        same = sorted(curve["lam"].tolist()) == sorted(float(v) for v in s.lambdas)
+        if same and "tolerance" in curve and float(curve["tolerance"].iloc[0]) == s.tolerance:
+            return curve
+    kwargs = s.explainer_kwargs()
+    kwargs.pop("lam")
+    result = calibrate_lambda(
+        study.predictor,
+        study.subset("train", s.max_train_subjects),
+        study.subset("val", s.max_val_subjects),
+        lambdas=s.lambdas,
+        tolerance=s.tolerance,
+        explainer_kwargs={"mask": study.cohort.mask, **kwargs},
+        fit_kwargs={"epochs": s.calibration_epochs, "batch_size": s.batch_size, "lr": s.lr},
+        progress=progress,
+    )
+    curve = result.curve.assign(tolerance=s.tolerance)
+    write_table(path, curve)
+    return curve
+
+
+def write_subject_maps(
+    study: MapsStudy,
+    explainer: Any,
+    *,
+    split: str = "test",
+    shard: tuple[int, int] | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Explain every subject of a split and save the maps as NIfTI in template space.
+
+    The step is resumable and can be sharded. With ``resume``, a subject whose map file
+    already exists and was made by the same noise model (the SHA-256 of
+    ``checkpoints/noise_model.pt``, recorded in ``maps/.maps_source.json``) is not
+    explained again, so an interrupted run picks up where it stopped. With
+    ``shard=(i, n)``, only every ``n``-th subject starting at ``i`` is explained: start
+    ``n`` processes (or ``torchrun`` ranks) with ``i = 0 .. n-1`` once the noise model is
+    trained, then call once more without ``shard`` to collect the index.
+
+    Parameters
+    ----------
+    study : MapsStudy
+        The run.
+    explainer : object with ``attribute(x)``
+        The run's trained noise model (or any captum-like explainer, with
+        ``resume=False``).
+    split : str, default="test"
+        The split to explain.
+    shard : tuple of (int, int) or None, default=None
+        ``(index, count)`` of this worker's share; None explains (or collects) all.
+    resume : bool, default=True
+        Keep the existing maps of the run's noise model; False explains every subject
+        again (needed when ``explainer`` is not the noise model of
+        ``checkpoints/noise_model.pt``).
+    progress : bool, default=True
+        Show a progress bar.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``participant_id``, ``age``, ``split``, ``path`` (relative to the run folder) of
+        the subjects of this call; without ``shard`` also written to
+        ``tables/subject_maps.csv``.
+    """
+    indices = study.indices(split)
+    if shard is not None:
+        index, count = _check_shard(shard)
+        indices = indices[index::count]
+    if resume:
+        source = _maps_source(study)
+    else:  # maps of unknown origin: a later resume must not trust them
+        (study.run.maps / MAPS_SOURCE).unlink(missing_ok=True)
+        source = None
+    todo = [i for i in indices if not _map_is_current(study, i, source)]
+    batch = study.settings.batch_size
+    for start in tqdm(
+        range(0, len(todo), batch), desc=f"maps ({split})", disable=None if progress else True
+    ):
+        chunk = np.asarray(todo[start : start + batch])
+        maps = explainer.attribute(study.images(chunk))
+        for pid, arr in zip(study.participant_ids(chunk), maps[:, 0].numpy(), strict=True):
+            save_nifti(
+                study.cohort.to_image(arr.astype(np.float32)), subject_map_path(study.run.maps, pid)
+            )
+    table = pd.DataFrame(
+        {
+            "participant_id": study.participant_ids(indices),
+            "age": [float(a) for a in study.ages(indices)],
+            "split": split,
+            "path": [
+                os.path.relpath(subject_map_path(study.run.maps, pid), study.run.root)
+                for pid in study.participant_ids(indices)
+            ],
+        },
+        columns=["participant_id", "age", "split", "path"],
+    )
+    if shard is None:
+        write_table(study.run.tables / SUBJECT_MAPS_TABLE, table)
+    return table
+
+
+def _check_shard(shard: Any) -> tuple[int, int]:
+    ok = (
+        isinstance(shard, (tuple, list))
+        and len(shard) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in shard)
+        and shard[1] >= 1
+        and 0 <= shard[0] < shard[1]
+    )
+    if not ok:
+        raise BrainAgeInputError(
+            f"'shard' must be (index, count) with 0 <= index < count; {shard!r} was provided."
+        )
+    return int(shard[0]), int(shard[1])
+
+
+def _maps_source(study: MapsStudy) -> str | None:
+    """Identity of the noise model the maps come from; records it in ``maps/``.
+
+    Maps made by another noise model (or an unknown one) are never reused.
+    """
+    ckpt = study.noise_checkpoint
+    if not ckpt.is_file():
+        return None
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    record = study.run.maps / MAPS_SOURCE
+    try:
+        previous = json.loads(record.read_text(encoding="utf-8")).get("noise_model_sha256")
+    except (OSError, ValueError, AttributeError):
+        previous = None
+    if previous != digest:
+        # Another noise model: every existing map is stale. Record the new one only
+        # once the stale maps can no longer be mistaken for current ones.
+        for stale in study.run.maps.glob("*_importance.nii.gz"):
+            if not stale.name.startswith("population"):
+                stale.unlink()
+        write_json(record, {"noise_model_sha256": digest})
+    return digest
+
+
+def _map_is_current(study: MapsStudy, index: int, source: str | None) -> bool:
+    if source is None:
+        return False
+    path = subject_map_path(study.run.maps, study.participant_ids([index])[0])
+    if not path.is_file():
+        return False
+    try:
+        return tuple(nib.load(path).shape) == tuple(study.cohort.mask.shape)
+    except Exception:  # a truncated or foreign file: explain the subject again
+        return False
+
+
+def time_methods(
+    study: MapsStudy, explainer: NoiseMapExplainer, *, n_subjects: int | None = None
+) -> pd.DataFrame:
+    """Milliseconds per subject: one amortised forward pass vs per-subject optimisation.
+
+    Both explain the same first ``n_subjects`` test subjects, one at a time. The figures
+    go to ``metrics.json`` (``maps.<method>.ms_per_subject``).
+    """
+    n = study.settings.timing_subjects if n_subjects is None else int(n_subjects)
+    indices = study.indices("test", n)
+    if len(indices) == 0:
+        return pd.DataFrame(columns=["method", "ms_per_subject", "n_subjects"])
+    images = study.images(indices)
+    per_subject = per_subject_explainer(study, explainer, images)
+    rows = []
+    for name, method in ((NOISE, explainer), (NOISE_PER_SUBJECT, per_subject)):
+        method.attribute(images[:1])  # warm-up (allocations, lazy initialisation)
+        start = time.perf_counter()
+        for i in range(len(indices)):
+            method.attribute(images[i : i + 1])
+        ms = 1000.0 * (time.perf_counter() - start) / len(indices)
+        rows.append({"method": name, "ms_per_subject": ms, "n_subjects": len(indices)})
+        merge_metrics(study, name, {"ms_per_subject": ms})
+    return pd.DataFrame(rows)
+
+
+def per_subject_explainer(
+    study: MapsStudy, explainer: NoiseMapExplainer, images: torch.Tensor | None = None
+) -> PerSubjectNoiseMap:
+    """The per-subject mode with the amortised model's perturbation and operating point.
+
+    With ``maps.per_subject_match_mean_b`` and ``images``, the per-subject maps are held at
+    the amortised model's mean B on those images, so both modes spend the same budget.
+    """
+    s = study.settings
+    mean_b = None
+    if s.per_subject_match_mean_b and images is not None:
+        mask = torch.as_tensor(study.cohort.mask, dtype=torch.float32)
+        b = explainer.noise_level(images)[:, 0]
+        mean_b = float(((b * mask).flatten(1).sum(1) / mask.sum()).mean())
+        mean_b = min(max(mean_b, 0.01), 0.99)
+    return PerSubjectNoiseMap(
+        study.predictor,
+        mask=study.cohort.mask,
+        lam=explainer.lam,
+        target=explainer.target,
+        loss=explainer.loss,
+        reference=explainer.reference,
+        **{k: v for k, v in explainer.perturbation_settings().items()},
+        steps=s.per_subject_steps,
+        lr=s.per_subject_lr,
+        coarse=s.per_subject_coarse,
+        fixed_noise=s.per_subject_fixed_noise,
+        mean_b=mean_b,
+        patience=s.per_subject_patience,
+        seed=explainer.seed,
+    )

@@ -1,0 +1,526 @@
+"""The shared state of the map steps (notebooks 03, 04 and 06): a run's maps study."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from brainage_core._utils.validation import (
+    BrainAgeInputError,
+    check_choice,
+    check_fraction,
+    check_positive,
+)
+from brainage_core.analysis.localisation import (
+    core_truth,
+    image_on_grid,
+    truth_on_grid,
+)
+from brainage_core.explain.captum import METHODS
+from brainage_core.explain.noise.objective import LOSSES, TARGETS
+from brainage_core.explain.noise.perturbations import PERTURBATIONS
+from brainage_core.study.rundir import RunDir
+
+#: Names of the methods in tables and in ``metrics.json``.
+NOISE = "noise"
+NOISE_PER_SUBJECT = "noise_per_subject"
+#: The model-free ceiling map |corr(intensity, age)| over the training split.
+CEILING = "ceiling_age_correlation"
+CEILING_MAP = "ceiling_age_correlation.nii.gz"
+
+NOISE_CHECKPOINT = "noise_model.pt"
+CALIBRATION_TABLE = "lambda_calibration.csv"
+RELIANCE_TABLE = "effect_reliance.csv"
+MAPS_SOURCE = ".maps_source.json"
+SUBJECT_MAPS_TABLE = "subject_maps.csv"
+REGIONS_TABLE = "regions.csv"
+
+
+@dataclass
+class MapsConfig:
+    """Settings of the importance-map steps: the ``maps`` section of a study config.
+
+    Attributes
+    ----------
+    target : {"prediction", "age"}, default="prediction"
+        Target of the task loss (see the module docstring for why "prediction"; "age"
+        is the paper's).
+    perturbation : str, default="additive"
+        A name in :data:`brainage_core.explain.noise.perturbations.PERTURBATIONS` ("additive" is the
+        paper's noise; "replace_mean" and "replace_blur" remove information).
+    noise_sd : float, default=0.0
+        Extra noise at B = 1 of the replacement perturbations.
+    blur_sigma : float, default=2.0
+        Blur (voxels) of "replace_blur".
+    loss : {"l1", "l2"}, default="l1"
+        Task loss of the noise model.
+    lam : float, default=1.0
+        Lambda of the noise term, used as is unless ``calibrate`` is true.
+    s_min, s_max : float, default=0.0, 0.3
+        Noise standard deviation at B = 0 and B = 1, in units of the normalised
+        intensities (CSF near 0, white matter near 1; see :mod:`brainage_core.preprocess`).
+        At 1.0 (the full tissue contrast) the predictors of the study lose their
+        prediction under almost any noise and B collapses towards 0 everywhere.
+    channels, depth : int, default=8, 2
+        Width and depth of the U-Net noise model.
+    downsample : int, default=1
+        The U-Net runs on the image pooled by this factor (see :class:`NoiseMapExplainer`).
+    epochs, batch_size, lr : default=10, 8, 1e-2
+        Training of the noise model (Adam).
+    max_train_subjects : int or None, default=None
+        Train the noise model on at most this many training subjects (a seeded random
+        subset); None uses the whole training split.
+    max_val_subjects : int or None, default=64
+        Validation subjects evaluated after each epoch (None: all).
+    num_threads : int or None, default=None
+        Torch CPU threads of the map steps (None: leave torch's setting).
+    calibrate : bool, default=False
+        Pick lambda with
+        :func:`brainage_core.explain.noise.calibration.calibrate_lambda` before training.
+    lambdas : list of float, default=[0.1, 0.3, 1, 3, 10, 30]
+        Candidates of the calibration.
+    tolerance : float, default=1.0
+        Allowed mean shift ``|f(x~) - f(x)|`` (years) of the predictor on perturbed
+        validation images.
+    calibration_epochs : int, default=3
+        Epochs per candidate lambda (each from the same initial weights).
+    per_subject_steps, per_subject_lr : default=100, 0.1
+        Optimisation of the per-subject (meaningful-perturbation style) maps: most steps,
+        Adam learning rate.
+    per_subject_coarse : int, default=2
+        The per-subject logits live on a grid this many times coarser (upsampled).
+    per_subject_fixed_noise : bool, default=True
+        One noise draw for all steps (a deterministic objective).
+    per_subject_match_mean_b : bool, default=True
+        Hold the per-subject maps at the amortised model's mean B (its operating point
+        on the explained images) instead of the paper's regulariser.
+    per_subject_patience : int, default=20
+        Stopping rule: steps without an improvement of the objective by 0.01 y.
+    faithfulness_draws : int, default=4
+        Noise draws averaged in the like-for-like faithfulness test.
+    timing_subjects : int, default=3
+        Subjects on which the amortised and per-subject modes are timed.
+    age_band_width : float, default=10
+        Width in years of the age bands of the population maps (decades).
+    age_band_min_subjects : int, default=3
+        Age bands with fewer test subjects get no map.
+    min_region_voxels : int, default=3
+        Regions with fewer voxels on the cohort's grid are left out of the region table.
+    top_regions : int, default=10
+        Length of the ranked list stored in ``metrics.json`` under ``regions.top``.
+    baselines : list of str, default=["saliency", "integrated_gradients"]
+        captum methods compared with the noise maps (see
+        :data:`brainage_core.explain.captum.METHODS`).
+    ig_steps : int, default=16
+        Integration steps of integrated gradients.
+    compare_subjects : int, default=8
+        Test subjects on which all methods are compared (and the per-subject mode run).
+    deletion_steps : int, default=10
+        Points of the deletion curve.
+    faithfulness_fraction : float, default=0.5
+        Share of brain voxels noised in the fixed-noise faithfulness column (the first
+        version's test: noise of ``s_max`` on that share, a harsher regime than the maps
+        were trained for).
+    weak_tail : float, default=0.05
+        Truth voxels whose planted intensity change is below this are left out of the
+        binary-truth scores (neither planted nor unplanted).
+    region_coverage : float, default=0.5
+        A region counts as planted when at least this share of its voxels is in the
+        truth (coverage-based region truth).
+    reliance_subjects : int, default=16
+        Test subjects re-rendered to measure the predictor's reliance on each planted
+        effect (synthetic cohorts only; see :mod:`brainage_core.reliance`; 0 skips it).
+    reliance_delta : float, default=10.0
+        Years by which each effect is aged in that measurement.
+    seed : int or None, default=None
+        Seed of the noise model; None takes the study's top-level ``seed``.
+    """
+
+    target: str = "prediction"
+    perturbation: str = "additive"
+    noise_sd: float = 0.0
+    blur_sigma: float = 2.0
+    loss: str = "l1"
+    lam: float = 1.0
+    s_min: float = 0.0
+    s_max: float = 0.3
+    channels: int = 8
+    depth: int = 2
+    downsample: int = 1
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 1e-2
+    max_train_subjects: int | None = None
+    max_val_subjects: int | None = 64
+    num_threads: int | None = None
+    calibrate: bool = False
+    lambdas: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0, 10.0, 30.0])
+    tolerance: float = 1.0
+    calibration_epochs: int = 3
+    per_subject_steps: int = 100
+    per_subject_lr: float = 0.1
+    per_subject_coarse: int = 2
+    per_subject_fixed_noise: bool = True
+    per_subject_match_mean_b: bool = True
+    per_subject_patience: int = 20
+    faithfulness_draws: int = 4
+    weak_tail: float = 0.05
+    region_coverage: float = 0.5
+    timing_subjects: int = 3
+    age_band_width: float = 10.0
+    age_band_min_subjects: int = 3
+    min_region_voxels: int = 3
+    top_regions: int = 10
+    baselines: list[str] = field(default_factory=lambda: ["saliency", "integrated_gradients"])
+    ig_steps: int = 16
+    compare_subjects: int = 8
+    deletion_steps: int = 10
+    faithfulness_fraction: float = 0.5
+    reliance_subjects: int = 16
+    reliance_delta: float = 10.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("maps.target", self.target, TARGETS)
+        check_choice("maps.perturbation", self.perturbation, tuple(PERTURBATIONS))
+        check_choice("maps.loss", self.loss, LOSSES)
+        check_positive("maps.blur_sigma", self.blur_sigma)
+        check_fraction("maps.region_coverage", self.region_coverage, allow_one=True)
+        for name in ("per_subject_fixed_noise", "per_subject_match_mean_b"):
+            if not isinstance(getattr(self, name), bool):
+                raise BrainAgeInputError(
+                    f"'maps.{name}' must be true or false; {getattr(self, name)!r} was provided."
+                )
+        for name in ("lam", "s_min", "tolerance", "noise_sd", "weak_tail"):
+            check_positive(f"maps.{name}", getattr(self, name), allow_zero=True)
+        for name in ("s_max", "lr", "per_subject_lr", "age_band_width", "reliance_delta"):
+            check_positive(f"maps.{name}", getattr(self, name))
+        for name in ("max_train_subjects", "max_val_subjects", "num_threads"):
+            if getattr(self, name) is not None:
+                check_positive(f"maps.{name}", getattr(self, name), integer=True)
+        for name in (
+            "channels",
+            "depth",
+            "downsample",
+            "epochs",
+            "batch_size",
+            "calibration_epochs",
+            "per_subject_steps",
+            "timing_subjects",
+            "age_band_min_subjects",
+            "min_region_voxels",
+            "top_regions",
+            "ig_steps",
+            "compare_subjects",
+            "deletion_steps",
+            "reliance_subjects",
+            "per_subject_coarse",
+            "per_subject_patience",
+            "faithfulness_draws",
+        ):
+            check_positive(
+                f"maps.{name}",
+                getattr(self, name),
+                integer=True,
+                allow_zero=name in ("depth", "timing_subjects", "reliance_subjects"),
+            )
+        check_fraction("maps.faithfulness_fraction", self.faithfulness_fraction, allow_one=True)
+        if self.s_max < self.s_min:
+            raise BrainAgeInputError(
+                f"'maps.s_max' must be at least 'maps.s_min' ({self.s_min}); "
+                f"{self.s_max!r} was provided."
+            )
+        if not isinstance(self.calibrate, bool):
+            raise BrainAgeInputError(
+                f"'maps.calibrate' must be true or false; {self.calibrate!r} was provided."
+            )
+        if not isinstance(self.lambdas, (list, tuple)) or not self.lambdas:
+            raise BrainAgeInputError(
+                f"'maps.lambdas' must be a non-empty list; {self.lambdas!r} was provided."
+            )
+        for lam in self.lambdas:
+            check_positive("maps.lambdas", lam)
+        if not isinstance(self.baselines, (list, tuple)):
+            raise BrainAgeInputError(
+                f"'maps.baselines' must be a list; {self.baselines!r} was provided."
+            )
+        for method in self.baselines:
+            check_choice("maps.baselines", method, METHODS)
+        if self.seed is not None:
+            check_positive("maps.seed", self.seed, integer=True, allow_zero=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None, *, seed: int | None = None) -> MapsConfig:
+        """Build from the config's ``maps`` mapping; unknown keys are a clear error.
+
+        Parameters
+        ----------
+        d : dict or None
+            The section (None or {} gives the defaults).
+        seed : int or None, default=None
+            The study's top-level seed, used when the section sets none.
+        """
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise BrainAgeInputError(
+                f"unknown key(s) in config section 'maps': {unknown}; it has {sorted(known)}"
+            )
+        if d.get("seed") is None and seed is not None:
+            d["seed"] = seed
+        for name in (
+            "lam",
+            "s_min",
+            "s_max",
+            "lr",
+            "per_subject_lr",
+            "tolerance",
+            "age_band_width",
+            "faithfulness_fraction",
+            "reliance_delta",
+            "noise_sd",
+            "blur_sigma",
+            "weak_tail",
+            "region_coverage",
+        ):
+            if isinstance(d.get(name), int) and not isinstance(d.get(name), bool):
+                d[name] = float(d[name])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the settings (YAML/JSON-ready)."""
+        return asdict(self)
+
+    def explainer_kwargs(self) -> dict[str, Any]:
+        """Arguments of :class:`NoiseMapExplainer` (all but ``predictor`` and ``mask``)."""
+        return {
+            "lam": self.lam,
+            "perturbation": self.perturbation,
+            "s_min": self.s_min,
+            "s_max": self.s_max,
+            "noise_sd": self.noise_sd,
+            "blur_sigma": self.blur_sigma,
+            "target": self.target,
+            "loss": self.loss,
+            "channels": self.channels,
+            "depth": self.depth,
+            "downsample": self.downsample,
+            "seed": self.seed or 0,
+        }
+
+
+@dataclass
+class GroundTruth:
+    """The planted age signal of a synthetic cohort, on the cohort's grid.
+
+    Attributes
+    ----------
+    mask : numpy.ndarray of bool
+        Voxels that carry planted age signal.
+    regions : list of str
+        Atlas patterns of the planted regions.
+    effect_masks : dict of str to numpy.ndarray
+        The voxels of each kind of effect (for example ``"cortical_thinning"``), so that
+        a map can be scored per effect; empty when unknown.
+    strength : numpy.ndarray or None
+        Continuous truth: the planted intensity change of each voxel (0 outside the
+        truth); None when unknown.
+    weak_tail : float
+        Planted voxels whose change is below this are left out of the core scores.
+    """
+
+    mask: np.ndarray
+    regions: list[str]
+    effect_masks: dict[str, np.ndarray] = field(default_factory=dict)
+    strength: np.ndarray | None = None
+    weak_tail: float = 0.05
+
+    def core(self) -> tuple[np.ndarray, np.ndarray]:
+        """Planted voxels without the weak tails, and the voxels that are scored."""
+        if self.strength is None:
+            return self.mask, np.ones(self.mask.shape, bool)
+        return core_truth(self.mask, self.strength, self.weak_tail)
+
+
+# -- the study a map step works on ------------------------------------------------------------
+@dataclass
+class MapsStudy:
+    """Everything a map step needs, opened from a run folder.
+
+    Attributes
+    ----------
+    run : RunDir
+        The run folder.
+    config : dict
+        Its resolved configuration.
+    settings : MapsConfig
+        The ``maps`` section.
+    cohort : PreparedCohort
+        The prepared cohort of the ``data`` section.
+    predictor : torch.nn.Module
+        The trained predictor (eval mode).
+    """
+
+    run: RunDir
+    config: dict[str, Any]
+    settings: MapsConfig
+    cohort: Any
+    predictor: nn.Module
+    truth: GroundTruth | None = None
+
+    @classmethod
+    def open(
+        cls,
+        run_dir: str | os.PathLike,
+        *,
+        overrides: dict[str, Any] | None = None,
+        progress: bool = True,
+    ) -> MapsStudy:
+        """Open the run: read the config, load the cohort and the trained predictor.
+
+        Parameters
+        ----------
+        run_dir : str or os.PathLike
+            The run folder (with ``config.yaml`` and ``checkpoints/predictor.pt``).
+        overrides : dict or None, default=None
+            ``maps`` settings replacing the config's (notebook knobs); None values are
+            ignored.
+        progress : bool, default=True
+            Show progress bars while the cohort is loaded.
+        """
+        from brainage_core.data.cohort import load_cohort
+        from brainage_core.models.training import load_predictor
+
+        run = RunDir(run_dir)
+        config = run.load_config()
+        section = dict(config.get("maps") or {})
+        section.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        settings = MapsConfig.from_dict(section, seed=config.get("seed", 0))
+        if settings.num_threads is not None:
+            torch.set_num_threads(settings.num_threads)
+        cohort = load_cohort(config["data"], progress=progress)
+        ckpt = run.root / "checkpoints" / "predictor.pt"
+        if not ckpt.is_file():
+            raise BrainAgeInputError(
+                "no trained predictor: run notebooks/02_train.ipynb first", ckpt
+            )
+        predictor = load_predictor(ckpt, map_location="cpu")
+        return cls(run=run, config=config, settings=settings, cohort=cohort, predictor=predictor)
+
+    # -- data -------------------------------------------------------------------------------
+    def dataset(self, split: str) -> Any:
+        """The :class:`~brainage_core.data.datasets.CohortDataset` of one split."""
+        from brainage_core.data.datasets import CohortDataset
+
+        return CohortDataset(self.cohort, split=split)
+
+    def subset(self, split: str, n: int | None) -> Any:
+        """A dataset of at most ``n`` subjects of a split (a seeded random subset)."""
+        from brainage_core.data.datasets import CohortDataset
+
+        idx = self.indices(split)
+        if n is not None and len(idx) > n:
+            rng = np.random.default_rng(self.settings.seed or 0)
+            idx = np.sort(rng.choice(idx, size=int(n), replace=False))
+        return CohortDataset(self.cohort, indices=idx)
+
+    def indices(self, split: str = "test", n: int | None = None) -> np.ndarray:
+        """Cohort positions of a split's subjects (the first ``n`` if given)."""
+        idx = np.asarray(self.cohort.indices(split))
+        return idx if n is None else idx[: int(n)]
+
+    def images(self, indices: Any) -> torch.Tensor:
+        """Images of the given subjects as a float32 tensor ``(N, 1, X, Y, Z)``."""
+        arr = np.stack([self.cohort.image(int(i)) for i in indices]).astype(np.float32)
+        return torch.from_numpy(arr)[:, None]
+
+    def ages(self, indices: Any) -> np.ndarray:
+        return self.cohort.table["age"].to_numpy(dtype=float)[np.asarray(indices, dtype=int)]
+
+    def participant_ids(self, indices: Any) -> list[str]:
+        ids = self.cohort.table["participant_id"].to_numpy()
+        return [str(ids[int(i)]) for i in indices]
+
+    @property
+    def noise_checkpoint(self) -> Path:
+        return self.run.checkpoints / NOISE_CHECKPOINT
+
+    def atlas(self) -> Any:
+        """The Harvard–Oxford atlas on the cohort's grid."""
+        from brainage_core.data.atlas import load_atlas
+
+        return load_atlas(self.cohort.resolution)
+
+
+# -- 03: per-subject maps ------------------------------------------------------------------
+def subject_map_path(maps_dir: str | os.PathLike, participant_id: str) -> Path:
+    """``maps_dir/<participant_id>_importance.nii.gz``."""
+    return Path(maps_dir) / f"{participant_id}_importance.nii.gz"
+
+
+def read_subject_maps(study: MapsStudy) -> pd.DataFrame:
+    """The index of per-subject maps written by :func:`write_subject_maps` (absolute paths)."""
+    path = study.run.root / "tables" / SUBJECT_MAPS_TABLE
+    if not path.is_file():
+        raise BrainAgeInputError("no per-subject maps: run notebooks/03_explain.ipynb first", path)
+    table = pd.read_csv(path)
+    table["path"] = [str(study.run.root / p) for p in table["path"]]
+    return table
+
+
+def merge_metrics(study: MapsStudy, method: str, values: dict[str, Any]) -> None:
+    current = study.run.read_metrics().get("maps", {}).get(method, {})
+    study.run.update_metrics("maps", {method: {**current, **values}})
+
+
+# -- 04: population maps, regions, ground truth -------------------------------------------
+def load_truth(study: MapsStudy) -> GroundTruth | None:
+    """The ground truth of a synthetic cohort on its grid; None for real data.
+
+    ``study.truth``, when set, is returned as is.
+    """
+    if study.truth is not None:
+        return study.truth
+    root = study.cohort.metadata.get("source_root")
+    if not root or not (Path(root) / "derivatives" / "ground_truth").is_dir():
+        return None
+    from brainage_core.data.synth.cohort import load_ground_truth
+
+    truth = load_ground_truth(root)
+    grid = (study.cohort.affine, study.cohort.mask.shape)
+    mask = truth_on_grid(truth.mask_img, *grid)
+    effect_masks = {
+        kind: truth_on_grid(img, *grid) & study.cohort.mask
+        for kind, img in truth.effect_mask_imgs.items()
+    }
+    strength = getattr(truth, "strength_img", None)
+    return GroundTruth(
+        mask=mask & study.cohort.mask,
+        regions=planted_patterns(truth),
+        effect_masks=effect_masks,
+        strength=None if strength is None else image_on_grid(strength, *grid) * study.cohort.mask,
+        weak_tail=study.settings.weak_tail,
+    )
+
+
+def planted_patterns(truth: Any) -> list[str]:
+    """Atlas patterns of the planted regions of a ``synth.GroundTruth``."""
+    for name in ("planted_regions", "regions", "region_names"):
+        value = getattr(truth, name, None)
+        if value:
+            return [str(v) for v in value]
+    effects = getattr(truth, "effects", None)
+    if effects is not None and "regions" in effects:
+        out: list[str] = []
+        for cell in effects["regions"]:
+            out.extend(p.strip() for p in str(cell).replace(";", ",").split(",") if p.strip())
+        return sorted(set(out))
+    raise BrainAgeInputError("the ground truth names no planted regions")

@@ -1,0 +1,121 @@
+"""One run = one folder: the layout every notebook and command agrees on.
+
+::
+
+    runs/<name>/
+        config.yaml          the resolved configuration of the run
+        notebooks/           executed notebooks, NN_step.ipynb
+        checkpoints/         predictor and noise-model checkpoints
+        maps/                NIfTI importance maps (template space)
+        tables/              CSV tables (predictions, regions, ...)
+        figures/             static figures
+        metrics.json         {"data": {...}, "prediction": {...}, "maps": {...}, "regions": {...}}
+
+Notebooks find each other's artefacts through this class, never through typed paths.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from brainage_core._utils.io import write_json, write_text
+from brainage_core._utils.validation import BrainAgeInputError
+
+
+class RunDir:
+    """Paths and shared state of one study run.
+
+    Parameters
+    ----------
+    root : str or os.PathLike
+        The run folder. It is created on first write, not on construction.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    # -- layout ---------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.json"
+
+    def subdir(self, name: str) -> Path:
+        """Return ``root/name``, created if needed."""
+        path = self.root / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def notebooks(self) -> Path:
+        return self.subdir("notebooks")
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.subdir("checkpoints")
+
+    @property
+    def maps(self) -> Path:
+        return self.subdir("maps")
+
+    @property
+    def tables(self) -> Path:
+        return self.subdir("tables")
+
+    @property
+    def figures(self) -> Path:
+        return self.subdir("figures")
+
+    # -- configuration --------------------------------------------------------------------
+    def load_config(self) -> dict[str, Any]:
+        """Read ``config.yaml``; a missing or malformed file is a clear error."""
+        if not self.config_path.is_file():
+            raise BrainAgeInputError(
+                "no config.yaml in this run folder; create the run with "
+                "'brainage-study run' or write one with RunDir.write_config().",
+                self.root,
+            )
+        try:
+            config = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise BrainAgeInputError(f"not valid YAML: {err}", self.config_path) from err
+        if not isinstance(config, dict):
+            raise BrainAgeInputError("must hold a mapping at the top level", self.config_path)
+        return config
+
+    def write_config(self, config: dict[str, Any]) -> Path:
+        """Write the resolved configuration atomically."""
+        return write_text(self.config_path, yaml.safe_dump(config, sort_keys=False))
+
+    # -- metrics --------------------------------------------------------------------------
+    def read_metrics(self) -> dict[str, Any]:
+        """Return ``metrics.json`` as a dict (empty if the run has none yet)."""
+        if not self.metrics_path.is_file():
+            return {}
+        return json.loads(self.metrics_path.read_text(encoding="utf-8"))
+
+    def update_metrics(self, section: str, values: dict[str, Any]) -> dict[str, Any]:
+        """Merge ``values`` into ``metrics[section]`` and write the file atomically.
+
+        A lock file serialises concurrent writers (for example several map-extraction
+        workers), so no update is lost.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".metrics.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            metrics = self.read_metrics()
+            metrics.setdefault(section, {}).update(values)
+            write_json(self.metrics_path, metrics)
+        return metrics

@@ -1,0 +1,169 @@
+"""Tests of the training loop: overfitting, resume, determinism, early stopping, config."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers.predictor import TINY, FakeCohort
+
+from brainage_core._utils.validation import BrainAgeInputError
+from brainage_core.data.datasets import Augmentation, CohortDataset
+from brainage_core.models.training import (
+    TrainConfig,
+    cohort_datasets,
+    load_predictor,
+    train_predictor,
+)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def cohort() -> FakeCohort:
+    return FakeCohort(n=30, seed=0)
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize(("head", "lr", "ratio", "mae"),
+                         [("regression", 1e-2, 0.02, 0.5), ("soft_label", 1e-2, 0.05, 1.0)])
+def test_overfits_a_tiny_set(cohort, head, lr, ratio, mae):
+    data = CohortDataset(cohort, indices=np.arange(8))
+    cfg = {**TINY, "head": head, "epochs": 150, "batch_size": 8, "learning_rate": lr,
+           "patience": 1000, "weight_decay": 0.0}
+    result = train_predictor(cfg, data, data, progress=False)
+    first, last = result.history[0]["train_loss"], result.history[-1]["train_loss"]
+    assert last < ratio * first
+    # On the training subjects themselves the predicted ages are close to the truth
+    # (the ages span 45-82 years).
+    assert result.best_val_mae < mae
+
+
+def test_resume_after_interruption_gives_the_uninterrupted_weights(cohort, tmp_path):
+    cfg = {**TINY, "epochs": 4, "dropout": 0.2, "augment": {"shift": 1, "noise": 0.05},
+           "preload": False}
+    ds = cohort_datasets(cohort, cfg)
+    full = train_predictor(cfg, ds["train"], ds["val"], checkpoint=tmp_path / "a.pt",
+                           progress=False)
+
+    class Interrupted(CohortDataset):
+        """Raises KeyboardInterrupt in the middle of the third epoch."""
+
+        calls = 0
+
+        def __getitem__(self, i):
+            Interrupted.calls += 1
+            if Interrupted.calls > 2.5 * len(self):
+                raise KeyboardInterrupt
+            return super().__getitem__(i)
+
+    broken = Interrupted(cohort, split="train", augment=cfg["augment"])
+    with pytest.raises(KeyboardInterrupt):
+        train_predictor(cfg, broken, ds["val"], checkpoint=tmp_path / "b.pt", progress=False)
+    assert torch.load(tmp_path / "b.pt", weights_only=False)["training"]["epoch"] == 2
+    again = cohort_datasets(cohort, cfg)
+    resumed = train_predictor(cfg, again["train"], again["val"], checkpoint=tmp_path / "b.pt",
+                              progress=False)
+    assert resumed.resumed_from == 2
+    _assert_same_weights(_weights(full.model), _weights(resumed.model))
+    assert [h["val_mae"] for h in full.history] == [h["val_mae"] for h in resumed.history]
+    # A finished checkpoint is loaded, not trained again; load_predictor gives the same model.
+    done = train_predictor(cfg, ds["train"], ds["val"], checkpoint=tmp_path / "b.pt",
+                           progress=False)
+    assert done.resumed_from == 4
+    _assert_same_weights(_weights(full.model), _weights(done.model))
+    _assert_same_weights(_weights(full.model), _weights(load_predictor(tmp_path / "b.pt")))
+    assert not load_predictor(tmp_path / "b.pt").training
+
+
+def test_training_is_deterministic(cohort):
+    cfg = {**TINY, "norm": "batch", "augment": {"shift": 1}}
+    first = cohort_datasets(cohort, cfg)
+    a = train_predictor(cfg, first["train"], first["val"], progress=False)
+    ds = cohort_datasets(cohort, cfg)
+    b = train_predictor(cfg, ds["train"], ds["val"], progress=False)
+    _assert_same_weights(_weights(a.model), _weights(b.model))
+    other = train_predictor({**cfg, "seed": 1}, ds["train"], ds["val"], progress=False)
+    assert not torch.equal(a.model.output.weight, other.model.output.weight)
+
+
+def test_early_stopping_keeps_the_best_epoch(cohort):
+    ds = cohort_datasets(cohort, TINY)
+    # A huge constant learning rate makes validation worse after the first epochs.
+    cfg = {**TINY, "epochs": 30, "patience": 2, "learning_rate": 0.5, "schedule": "constant"}
+    result = train_predictor(cfg, ds["train"], ds["val"], progress=False)
+    maes = [h["val_mae"] for h in result.history]
+    assert result.stopped_early and len(maes) < 30
+    assert result.best_epoch == int(np.argmin(maes))
+    assert len(maes) == result.best_epoch + 1 + 2
+    from brainage_core.models.evaluation import predict
+
+    mae = np.mean(np.abs(predict(result.model, ds["val"]) - ds["val"].ages.numpy()))
+    assert mae == pytest.approx(min(maes), rel=1e-5)
+
+
+def test_resuming_with_other_settings_is_a_clear_error(cohort, tmp_path):
+    ds = cohort_datasets(cohort, TINY)
+    train_predictor({**TINY, "epochs": 1}, ds["train"], ds["val"],
+                    checkpoint=tmp_path / "p.pt", progress=False)
+    with pytest.raises(BrainAgeInputError, match="p.pt: .*other settings"):
+        train_predictor({**TINY, "epochs": 1, "learning_rate": 0.1}, ds["train"], ds["val"],
+                        checkpoint=tmp_path / "p.pt", progress=False)
+    # resume=False starts again and overwrites.
+    train_predictor({**TINY, "epochs": 1, "learning_rate": 0.1}, ds["train"], ds["val"],
+                    checkpoint=tmp_path / "p.pt", resume=False, progress=False)
+
+
+def test_load_predictor_errors_name_the_file(tmp_path):
+    with pytest.raises(BrainAgeInputError, match="missing.pt: no such checkpoint"):
+        load_predictor(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(BrainAgeInputError, match="junk.pt: cannot read"):
+        load_predictor(tmp_path / "junk.pt")
+
+
+@pytest.mark.parametrize(
+    ("d", "message"),
+    [
+        ({"loss": "huber"}, r"'loss' must be one of \('mae', 'mse'\); 'huber' was provided"),
+        ({"epochs": 0}, "'epochs' must be a positive integer; 0 was provided"),
+        ({"batch_size": 2.5}, "'batch_size' must be a positive integer; 2.5"),
+        ({"learning_rate": -1.0}, "'learning_rate' must be a positive number; -1.0"),
+        ({"head": "bins"}, "'head' must be one of"),
+        ({"schedule": "step"}, "'schedule' must be one of"),
+        ({"channels": "16,32"}, "'channels' must be a non-empty list"),
+        ({"device": "tpu"}, "'device' must be 'auto', 'cpu' or 'cuda"),
+        ({"augment": {"rotate": 5}}, r"unknown 'augment' key\(s\) \['rotate'\]"),
+        ({"augment": {"flip": "yes"}}, "'augment.flip' must be true or false"),
+        ({"learning_rat": 0.1}, r"unknown 'prediction' key\(s\) \['learning_rat'\]"),
+    ],
+)
+def test_bad_config_gives_clear_errors(d, message):
+    with pytest.raises(BrainAgeInputError, match=message):
+        TrainConfig.from_dict(d)
+
+
+def test_config_round_trips_and_defaults_turn_augmentation_off():
+    cfg = TrainConfig.from_dict({"channels": [8, 16], "augment": {"shift": 2}})
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert not Augmentation.from_dict(TrainConfig().augment).active
+
+
+def test_augmentation_is_seeded_by_epoch_and_index(cohort):
+    ds = CohortDataset(cohort, split="train", augment={"shift": 2, "noise": 0.1}, seed=3)
+    x0 = ds[1][0]
+    assert x0.shape == (1, *cohort.images.shape[1:])
+    assert torch.equal(x0, ds[1][0])
+    ds.set_epoch(1)
+    assert not torch.equal(x0, ds[1][0])
+    plain = CohortDataset(cohort, split="train")
+    assert torch.equal(plain[1][0][0], torch.from_numpy(cohort.image(plain.indices[1])))

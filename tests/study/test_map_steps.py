@@ -1,0 +1,206 @@
+"""The run-level map steps on a tiny cohort prepared through the real data layer."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from helpers.maps import PLANTED_PATTERN, fit_region_predictor, make_cohort
+
+from brainage_core._utils.validation import BrainAgeInputError
+from brainage_core.study import average, compare, explain, maps
+from brainage_core.study.maps import MapsConfig
+from brainage_core.study.rundir import RunDir
+
+torch.set_num_threads(1)
+
+SETTINGS = {
+    "lam": 3.0,
+    "s_max": 1.0,
+    "channels": 4,
+    "epochs": 30,
+    "batch_size": 2,
+    "lr": 1e-2,
+    "per_subject_steps": 30,
+    "timing_subjects": 2,
+    "age_band_min_subjects": 1,
+    "min_region_voxels": 3,
+    "compare_subjects": 2,
+    "ig_steps": 4,
+    "deletion_steps": 4,
+    "baselines": ["saliency"],
+    "seed": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return make_cohort(tmp_path_factory.mktemp("cohort"), 20)
+
+
+def make_study(tmp_path, cohort, **overrides):
+    prepared, region = cohort
+    settings = MapsConfig.from_dict({**SETTINGS, **overrides})
+    truth = maps.GroundTruth(mask=region & prepared.mask, regions=[PLANTED_PATTERN])
+    return maps.MapsStudy(
+        run=RunDir(tmp_path / "run"),
+        config={},
+        settings=settings,
+        cohort=prepared,
+        predictor=fit_region_predictor(prepared, region),
+        truth=truth,
+    )
+
+
+def test_steps_write_maps_tables_and_metrics(tmp_path, cohort):
+    study = make_study(tmp_path, cohort)
+    prepared, region = cohort
+    fit = explain.fit_noise_model(study, progress=False)
+    assert study.noise_checkpoint.is_file() and fit.calibration is None
+    assert fit.explainer.epochs_trained == 30 and fit.train_seconds > 0
+    # a second call loads the finished checkpoint instead of training again
+    again = explain.fit_noise_model(study, progress=False)
+    assert again.train_seconds == pytest.approx(fit.train_seconds)
+    x = study.images(study.indices("test"))
+    assert torch.equal(again.explainer.attribute(x), fit.explainer.attribute(x))
+
+    index = explain.write_subject_maps(study, fit.explainer, progress=False)
+    assert len(index) == len(study.indices("test"))
+    for pid, rel in zip(index["participant_id"], index["path"], strict=True):
+        assert rel == f"maps/{pid}_importance.nii.gz"
+        img = nib.load(study.run.root / rel)
+        assert img.shape == prepared.mask.shape
+        assert np.allclose(img.affine, prepared.affine)
+        assert int(img.header["sform_code"]) == 4  # MNI space: opens aligned in viewers
+
+    timing = explain.time_methods(study, fit.explainer)
+    assert list(timing["method"]) == ["noise", "noise_per_subject"]
+    assert (timing["ms_per_subject"] > 0).all()
+
+    result = average.population_maps(study)
+    pop = nib.load(result.paths["all"])
+    assert pop.shape == prepared.mask.shape and np.allclose(pop.affine, prepared.affine)
+    assert all(path.is_file() for path in result.paths.values())
+    regions = pd.read_csv(study.run.tables / "regions.csv")
+    assert PLANTED_PATTERN in regions["name"].iloc[0]  # the planted region ranks first
+    scores = average.score_population(study, result)
+    assert scores["localisation_auroc"] > 0.9
+    assert scores["planted_top"]
+    assert scores["relevance_mass"] > 2 * scores["relevance_mass_uniform"]
+    metrics = study.run.read_metrics()
+    noise = metrics["maps"]["noise"]
+    for key in (
+        "localisation_auroc",
+        "relevance_mass",
+        "deletion_auc",
+        "ms_per_subject",
+        "train_seconds",
+        "lam",
+    ):
+        assert key in noise, key
+    assert metrics["regions"]["top"][0] == regions["name"].iloc[0]
+
+    table, curves, mean_maps = compare.compare_methods(study, fit.explainer, progress=False)
+    assert list(table["method"]) == ["noise", "noise_per_subject", "saliency", maps.CEILING]
+    assert set(curves["method"]) == set(table["method"])
+    assert set(curves["kind"]) == {"deletion", "insertion"}
+    assert (study.run.tables / "method_comparison.csv").is_file()
+    assert mean_maps["saliency"].shape == prepared.mask.shape
+    rows = table.set_index("method")
+    noise_row = rows.loc["noise"]
+    # like for like: the learned budget protects the prediction better than moved around
+    assert noise_row["budget_shift_learned"] < noise_row["budget_shift_permuted"]
+    assert noise_row["budget_shift_permuted"] < noise_row["budget_shift_inverted"]
+    assert noise_row["fixed_noise_shift_map"] < noise_row["fixed_noise_shift_inverted"]
+    # the model-free ceiling map finds the planted region from the data alone
+    assert rows.loc[maps.CEILING, "localisation_auroc"] > 0.9
+    assert (study.run.maps / maps.CEILING_MAP).is_file()
+    # the per-subject mode ran at the amortised model's operating point and stopped
+    per_subject = rows.loc["noise_per_subject"]
+    assert 0 < per_subject["per_subject_mean_b_target"] < 1
+    assert per_subject["per_subject_steps_run"] <= study.settings.per_subject_steps
+    assert "saliency" in study.run.read_metrics()["maps"]
+
+
+def test_calibrated_lambda_is_kept_and_reused(tmp_path, cohort):
+    study = make_study(
+        tmp_path,
+        cohort,
+        calibrate=True,
+        lambdas=[0.3, 3.0],
+        epochs=2,
+        calibration_epochs=2,
+        tolerance=2.0,
+    )
+    fit = explain.fit_noise_model(study, progress=False)
+    curve = pd.read_csv(study.run.tables / "lambda_calibration.csv")
+    assert list(curve["lam"]) == [0.3, 3.0] and curve["chosen"].sum() == 1
+    assert fit.explainer.lam == curve.loc[curve["chosen"], "lam"].iloc[0]
+    assert study.run.read_metrics()["maps"]["noise"]["lam"] == fit.explainer.lam
+    # a changed config retrains (with a warning) instead of resuming a foreign checkpoint
+    other = make_study(tmp_path, cohort, lam=30.0, epochs=1)
+    with pytest.warns(UserWarning, match="training a new noise model"):
+        refit = explain.fit_noise_model(other, progress=False)
+    assert refit.explainer.lam == 30.0 and refit.explainer.epochs_trained == 1
+
+
+class CountingExplainer:
+    """Wraps an explainer and records which subjects it was asked to explain."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.n_images = 0
+
+    def attribute(self, x):
+        self.n_images += x.shape[0]
+        return self.inner.attribute(x)
+
+
+def test_map_extraction_shards_and_resumes(tmp_path, cohort):
+    study = make_study(tmp_path, cohort, epochs=2)
+    fit = explain.fit_noise_model(study, progress=False)
+    n_test = len(study.indices("test"))
+    halves = []
+    for index in (0, 1):
+        counting = CountingExplainer(fit.explainer)
+        part = explain.write_subject_maps(study, counting, shard=(index, 2), progress=False)
+        assert counting.n_images == len(part)
+        halves.append(set(part["participant_id"]))
+    assert not halves[0] & halves[1] and len(halves[0] | halves[1]) == n_test
+    assert not (study.run.tables / maps.SUBJECT_MAPS_TABLE).exists()  # shards write no index
+    # Collecting explains nobody again and writes the index of every subject.
+    counting = CountingExplainer(fit.explainer)
+    index = explain.write_subject_maps(study, counting, progress=False)
+    assert counting.n_images == 0 and set(index["participant_id"]) == halves[0] | halves[1]
+    assert len(pd.read_csv(study.run.tables / maps.SUBJECT_MAPS_TABLE)) == n_test
+    # A lost or truncated map is made again, and only that one.
+    first = study.run.root / index["path"].iloc[0]
+    first.write_bytes(b"truncated")
+    counting = CountingExplainer(fit.explainer)
+    explain.write_subject_maps(study, counting, progress=False)
+    assert counting.n_images == 1 and nib.load(first).shape == study.cohort.mask.shape
+    # resume=False explains everyone again.
+    counting = CountingExplainer(fit.explainer)
+    explain.write_subject_maps(study, counting, resume=False, progress=False)
+    assert counting.n_images == n_test
+    # ... and its maps are not trusted by a later resume.
+    counting = CountingExplainer(fit.explainer)
+    explain.write_subject_maps(study, counting, progress=False)
+    assert counting.n_images == n_test
+    with pytest.raises(BrainAgeInputError, match="'shard'"):
+        explain.write_subject_maps(study, fit.explainer, shard=(2, 2), progress=False)
+
+
+def test_maps_of_another_noise_model_are_not_reused(tmp_path, cohort):
+    study = make_study(tmp_path, cohort, epochs=1)
+    fit = explain.fit_noise_model(study, progress=False)
+    explain.write_subject_maps(study, fit.explainer, progress=False)
+    # Another noise model in the same run folder (for example retrained with --force).
+    study.noise_checkpoint.unlink()
+    other = make_study(tmp_path, cohort, epochs=1, lam=30.0)
+    refit = explain.fit_noise_model(other, progress=False)
+    counting = CountingExplainer(refit.explainer)
+    explain.write_subject_maps(other, counting, progress=False)
+    assert counting.n_images == len(other.indices("test"))
