@@ -29,6 +29,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from brainage_core._utils.validation import BrainAgeInputError, check_fraction, check_positive
+from brainage_core.analysis.regions import _SIDE, region_table
 
 
 # -- localisation ---------------------------------------------------------------------------
@@ -340,8 +341,6 @@ def coverage_regions(
     dict
         ``{region name: planted share}`` of the planted regions, largest share first.
     """
-    from brainage_core.analysis.regions import _SIDE
-
     check_fraction("share", share, allow_one=True)
     truth = np.asarray(truth).astype(bool)
     labels = np.asarray(atlas.labels)
@@ -376,3 +375,88 @@ def planted_in_top(table: pd.DataFrame, planted: Sequence[str], top: int = 3) ->
     ranks = {str(p): (int(rank_of[p]) if p in rank_of else None) for p in planted}
     ok = bool(planted) and all(r is not None and r <= top for r in ranks.values())
     return {"ranks": ranks, "top": int(top), "all_in_top": ok}
+
+
+def score_map(
+    importance: np.ndarray,
+    table: pd.DataFrame | None,
+    truth: Any,
+    brain: np.ndarray,
+    *,
+    reliance: dict[str, float] | None = None,
+    atlas: Any = None,
+    coverage: float = 0.5,
+) -> dict[str, Any]:
+    """All localisation scores of one (population) map; empty without ground truth.
+
+    ``truth`` is a :class:`brainage_core.analysis.truth.GridTruth` (or None), ``table`` the
+    map's region table (:func:`brainage_core.analysis.regions.region_table`; None skips the
+    planted ranks), ``brain`` the brain mask. Every method's map gets the same scores:
+
+    * ``localisation_auroc``, ``relevance_mass`` and ``localisation_auroc_depth_matched``
+      against the binary truth;
+    * ``localisation_auroc_core`` and ``relevance_mass_core``: the same with the weak
+      smoothing tails left out (planted change below ``truth.weak_tail``);
+    * ``rank_correlation``: Spearman correlation with the continuous truth;
+    * ``localisation_auroc_by_effect`` (each effect against the unplanted brain) and,
+      given the predictor's ``reliance`` shares, ``localisation_auroc_reliance_weighted``;
+    * with a region ``table``: ``planted_top``/``planted_ranks`` (the generator's region
+      names) and, given the ``atlas``, the coverage-based region truth
+      (``planted_regions_coverage``, regions with at least ``coverage`` of their voxels
+      planted, hemispheres merged) and ``planted_in_top3``.
+    """
+    if truth is None:
+        return {}
+    positives, scored = truth.core()
+    core_brain = brain & scored
+    scores: dict[str, Any] = {
+        "localisation_auroc": localisation_auroc(importance, truth.mask, brain),
+        "relevance_mass": relevance_mass(np.clip(importance, 0, None), truth.mask, brain),
+        "relevance_mass_uniform": float(truth.mask[brain].mean()),
+        "localisation_auroc_depth_matched": depth_matched_auroc(importance, truth.mask, brain),
+        "localisation_auroc_core": localisation_auroc(importance, positives, core_brain),
+        "relevance_mass_core": relevance_mass(np.clip(importance, 0, None), positives, core_brain),
+        "relevance_mass_core_uniform": float(positives[core_brain].mean()),
+        "weak_tail_share": float(
+            (truth.mask & ~positives)[brain].sum() / max(truth.mask[brain].sum(), 1)
+        ),
+    }
+    if truth.strength is not None:
+        scores["rank_correlation"] = rank_correlation(importance, truth.strength, brain)
+    if truth.effect_masks:
+        # Each effect against the unplanted brain (the other effects' voxels left out).
+        by_effect = {
+            kind: localisation_auroc(importance, mask, brain & (mask | ~truth.mask))
+            for kind, mask in truth.effect_masks.items()
+        }
+        scores["localisation_auroc_by_effect"] = by_effect
+        if reliance:
+            shares = {k: max(float(reliance.get(k, 0.0)), 0.0) for k in by_effect}
+            total = sum(shares.values())
+            if total > 0:
+                scores["localisation_auroc_reliance_weighted"] = float(
+                    sum(shares[k] * by_effect[k] for k in by_effect) / total
+                )
+    if table is not None:
+        ranks = planted_ranks(table, truth.regions)
+        scores.update(
+            {
+                "planted_top": ranks["top"],
+                "planted_precision_at_k": ranks["precision_at_k"],
+                "planted_ranks": ranks["ranks"],
+            }
+        )
+    if atlas is not None:
+        merged = region_table(importance, atlas, bilateral=True)
+        planted = coverage_regions(truth.mask, atlas, share=coverage, bilateral=True)
+        top = planted_in_top(merged, list(planted), max(3, len(planted)))
+        scores.update(
+            {
+                "region_coverage": coverage,
+                "planted_regions_coverage": planted,
+                "planted_in_top3": top["all_in_top"],
+                "planted_ranks_merged": top["ranks"],
+                "top_regions_merged": list(merged["name"].head(5)),
+            }
+        )
+    return scores

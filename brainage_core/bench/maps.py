@@ -197,7 +197,7 @@ def run_cohort(
     datasets = cohort_datasets(cohort, cfg)
     t1 = time.perf_counter()
     trained = train_predictor(
-        cfg, datasets["train"], datasets["val"], checkpoint=run.checkpoints / "predictor.pt"
+        cfg, datasets["train"], datasets["val"], checkpoint=run.predictor_checkpoint
     )
     predictor_seconds = time.perf_counter() - t1
     model = trained.model.eval()
@@ -285,7 +285,7 @@ def _run_variant(
     return {
         "perturbation": perturbation,
         "seed": seed,
-        "lam": fit.explainer.lam,
+        "lam": fit.explainer.noise.lam,
         "best_epoch": fit.explainer.best_epoch,
         "noise_train_seconds": fit.train_seconds,
         "maps_seconds": maps_seconds,

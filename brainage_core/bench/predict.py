@@ -35,6 +35,7 @@ import torch
 
 from brainage_core.data.cohort import load_cohort
 from brainage_core.data.datasets import CohortDataset
+from brainage_core.data.protocol import Cohort
 from brainage_core.models.baseline import fit_ridge_baseline
 from brainage_core.models.cnn import BrainAgeCNN
 from brainage_core.models.evaluation import (
@@ -137,7 +138,7 @@ def run(args: Any = None) -> dict[str, Any]:
     return figures
 
 
-def sweep(cohort: Any, cfg: TrainConfig, *, steps: int = 6) -> list[dict[str, Any]]:
+def sweep(cohort: Cohort, cfg: TrainConfig, *, steps: int = 6) -> list[dict[str, Any]]:
     """Time training steps under several CPU settings on the cohort's grid.
 
     Each setting trains ``steps`` batches of training subjects (the first is a warm-up

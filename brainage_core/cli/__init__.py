@@ -18,20 +18,14 @@ SUBCOMMANDS = ("synth", "prepare", "run", "book", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Build the top-level parser with every available subcommand."""
+    """Build the top-level parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog="brainage-study",
         description="Interpretable brain-age study: data, training, importance maps and book.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as err:
-            if err.name == f"{__name__}.{name}":
-                continue  # subcommand not built yet
-            raise
-        module.add_parser(subparsers)
+        importlib.import_module(f".{name}", __name__).add_parser(subparsers)
     return parser
 
 

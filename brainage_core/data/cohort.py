@@ -13,10 +13,6 @@ through the same path as real data: a BIDS folder read by
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,11 +20,9 @@ from typing import Any
 import pandas as pd
 
 from brainage_core._utils.validation import BrainAgeInputError, check_choice, check_positive
-from brainage_core.data.cache import PreparedCohort, file_lock, prepare_cohort
+from brainage_core.data.cache import PreparedCohort, prepare_cohort
 from brainage_core.data.manifest import ON_ERROR_CHOICES
-from brainage_core.data.sources.bids import load_bids
-from brainage_core.data.sources.csv import load_csv
-from brainage_core.data.sources.oasis import fetch_oasis
+from brainage_core.data.sources import SOURCES, SourceRequest
 from brainage_core.data.splits import check_split_fractions
 from brainage_core.data.template import SUPPORTED_RESOLUTIONS
 
@@ -43,8 +37,6 @@ DATA_DEFAULTS: dict[str, Any] = {
     "synthetic": {},
 }
 
-#: Data sources.
-DATA_SOURCES = ("synthetic", "bids", "csv", "oasis")
 
 #: Seed of the train/val/test split (fixed so that every run of a cohort agrees).
 SPLIT_SEED = 0
@@ -52,8 +44,6 @@ SPLIT_SEED = 0
 #: Worker processes used to generate and prepare images.
 N_JOBS = 2
 
-#: Seconds allowed for the OASIS download (about 1 GB; instant once downloaded).
-OASIS_TIMEOUT = 1800.0
 
 
 def resolve_data_config(data_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -85,11 +75,11 @@ def resolve_data_config(data_config: Mapping[str, Any]) -> dict[str, Any]:
         )
     cfg = {**DATA_DEFAULTS, **{k: v for k, v in data_config.items() if v is not None}}
     cfg["path"] = data_config.get("path")
-    check_choice("data.source", cfg["source"], DATA_SOURCES)
+    check_choice("data.source", cfg["source"], tuple(SOURCES))
     check_choice("data.resolution", cfg["resolution"], SUPPORTED_RESOLUTIONS)
     check_choice("data.on_error", cfg["on_error"], ON_ERROR_CHOICES)
     cfg["split_fractions"] = list(check_split_fractions(cfg["split_fractions"]))
-    if cfg["source"] in ("bids", "csv") and not cfg["path"]:
+    if SOURCES[cfg["source"]].needs_path and not cfg["path"]:
         raise BrainAgeInputError(
             f"'data.path' is required with data.source={cfg['source']!r}: give the BIDS "
             "root or the CSV manifest, e.g. -p data.path /data/my_study"
@@ -128,18 +118,14 @@ def load_cohort(
     cfg = resolve_data_config(data_config)
     check_positive("n_jobs", n_jobs, integer=True)
     cache_dir = Path(cfg["cache_dir"]).expanduser().resolve()
-    source = cfg["source"]
-    if source == "synthetic":
-        root = ensure_synthetic_cohort(
-            cfg["synthetic"], cache_dir / "synthetic", n_jobs=n_jobs, progress=progress
-        )
-        manifest = load_bids(root)
-    elif source == "bids":
-        manifest = load_bids(cfg["path"])
-    elif source == "csv":
-        manifest = load_csv(cfg["path"])
-    else:
-        manifest = fetch_oasis(data_dir=cfg["path"], timeout=OASIS_TIMEOUT)
+    request = SourceRequest(
+        path=cfg["path"],
+        cache_dir=cache_dir,
+        synthetic=cfg["synthetic"],
+        n_jobs=n_jobs,
+        progress=progress,
+    )
+    manifest = SOURCES[cfg["source"]].manifest(request)
     return prepare_cohort(
         manifest,
         cache_dir / "prepared",
@@ -152,68 +138,7 @@ def load_cohort(
     )
 
 
-def ensure_synthetic_cohort(
-    synthetic: Mapping[str, Any],
-    out_root: str | os.PathLike,
-    *,
-    n_jobs: int = N_JOBS,
-    progress: bool = True,
-) -> Path:
-    """Generate the synthetic cohort of a config once; return its BIDS folder.
 
-    The dataset lives in ``out_root/<hash>/``, where the hash covers the complete
-    generator config (``SynthConfig.from_dict(synthetic).to_dict()``). It is generated in
-    ``<hash>.partial/`` and moved into place only when complete, so an interrupted
-    generation is never mistaken for a dataset (the next call resumes it).
-
-    Parameters
-    ----------
-    synthetic : mapping
-        Fields of :class:`brainage_core.data.synth.config.SynthConfig`.
-    out_root : str or os.PathLike
-        Folder holding the generated datasets.
-    n_jobs : int, default=2
-        Worker processes of the generator.
-    progress : bool, default=True
-        Show a progress bar.
-
-    Returns
-    -------
-    pathlib.Path
-        The dataset folder.
-    """
-    from brainage_core.data import synth
-
-    config = synth.SynthConfig.from_dict(dict(synthetic))
-    key = synth_config_hash({"config": config.to_dict(), "version": _package_version()})
-    out_root = Path(out_root).expanduser().resolve()
-    final = out_root / key
-    if (final / "dataset_description.json").is_file():
-        return final
-    out_root.mkdir(parents=True, exist_ok=True)
-    with file_lock(out_root / f"{key}.lock"):
-        if (final / "dataset_description.json").is_file():
-            return final
-        partial = out_root / f"{key}.partial"
-        # An interrupted generation left a partial folder with the same config: the
-        # generator resumes it (it regenerates missing or unreadable subjects).
-        synth.generate_cohort(config, partial, n_jobs=n_jobs, progress=progress)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-    return final
-
-
-def synth_config_hash(config: Mapping[str, Any]) -> str:
-    """Short stable hash of a synthetic-cohort config (16 hexadecimal characters)."""
-    text = json.dumps(dict(config), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _package_version() -> str:
-    from brainage_core import __version__
-
-    return str(__version__)
 
 
 def data_summary(cohort: PreparedCohort) -> dict[str, Any]:

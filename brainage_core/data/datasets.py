@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from brainage_core._utils.validation import BrainAgeInputError, check_choice, check_positive
+from brainage_core.data.protocol import Cohort
 
 #: Splits a cohort's table may name.
 SPLITS = ("train", "val", "test")
@@ -120,7 +121,7 @@ class CohortDataset(Dataset):
 
     def __init__(
         self,
-        cohort: Any,
+        cohort: Cohort,
         split: str | None = None,
         indices: Any = None,
         augment: Augmentation | dict[str, Any] | None = None,

@@ -19,6 +19,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from brainage_core._utils.validation import BrainAgeInputError, check_positive
+from brainage_core.data.protocol import Cohort
 
 #: Ridge penalties searched by default.
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-2, 6, 17))
@@ -82,18 +83,18 @@ class RidgeBaseline:
         """The ridge penalty chosen by leave-one-out."""
         return float(self.model[-1].alpha_)
 
-    def features(self, cohort: Any, indices: np.ndarray) -> np.ndarray:
+    def features(self, cohort: Cohort, indices: np.ndarray) -> np.ndarray:
         """Feature matrix ``(len(indices), n_features)`` of cohort subjects."""
         return _features(cohort, indices, self.factor, self.feature_mask)
 
-    def predict(self, cohort: Any, indices: Any = None) -> np.ndarray:
+    def predict(self, cohort: Cohort, indices: Any = None) -> np.ndarray:
         """Predicted ages of cohort subjects (all of them, in cache order, by default)."""
         idx = np.arange(len(cohort.table)) if indices is None else np.asarray(indices)
         return self.model.predict(self.features(cohort, idx)).astype(np.float64)
 
 
 def fit_ridge_baseline(
-    cohort: Any,
+    cohort: Cohort,
     *,
     factor: int = 2,
     alphas: Any = DEFAULT_ALPHAS,
@@ -134,7 +135,7 @@ def fit_ridge_baseline(
     return RidgeBaseline(factor=factor, feature_mask=feature_mask, model=model)
 
 
-def _features(cohort: Any, indices: np.ndarray, factor: int, feature_mask: np.ndarray
+def _features(cohort: Cohort, indices: np.ndarray, factor: int, feature_mask: np.ndarray
               ) -> np.ndarray:
     out = np.empty((len(indices), int(feature_mask.sum())), dtype=np.float32)
     order = np.argsort(indices)  # read the memmap front to back

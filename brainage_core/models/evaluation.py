@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from brainage_core._utils.validation import BrainAgeInputError
 from brainage_core.data.datasets import CohortDataset
+from brainage_core.data.protocol import Cohort
 
 
 @torch.no_grad()
@@ -184,7 +185,7 @@ def gap_auc(gap: Any, group: Any, positive: str = "accelerated") -> float:
     return float(roc_auc_score(labels, gap))
 
 
-def prediction_table(cohort: Any, predicted_age: Any) -> tuple[pd.DataFrame, BiasCorrection]:
+def prediction_table(cohort: Cohort, predicted_age: Any) -> tuple[pd.DataFrame, BiasCorrection]:
     """Predictions of every subject with raw and bias-corrected gaps.
 
     Parameters

@@ -35,6 +35,7 @@ from brainage_core._utils.validation import (
     check_positive,
 )
 from brainage_core.data.datasets import SPLITS, Augmentation, CohortDataset
+from brainage_core.data.protocol import Cohort
 from brainage_core.models.cnn import HEADS, NORMS, POOLS, BrainAgeCNN
 from brainage_core.models.distributed import (
     DistContext,
@@ -43,6 +44,7 @@ from brainage_core.models.distributed import (
     init_distributed,
 )
 from brainage_core.models.evaluation import predict
+from brainage_core.models.registry import ARCHITECTURES, architecture_name, build_model
 
 #: Version tag written into every checkpoint.
 CHECKPOINT_FORMAT = "brainage-predictor/1"
@@ -59,6 +61,8 @@ class TrainConfig:
 
     Parameters
     ----------
+    architecture : str, default="cnn"
+        The network, by its name in :data:`~brainage_core.models.registry.ARCHITECTURES`.
     head : {"regression", "soft_label"}, default="regression"
         Output head of :class:`~brainage_core.models.cnn.BrainAgeCNN`.
     channels : list of int, default=[8, 16, 32, 64]
@@ -127,6 +131,7 @@ class TrainConfig:
         (:func:`brainage_core.models.baseline.fit_ridge_baseline`).
     """
 
+    architecture: str = "cnn"
     head: str = "regression"
     channels: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
     norm: str = "batch"
@@ -154,6 +159,7 @@ class TrainConfig:
     baseline_downsample: int = 2
 
     def __post_init__(self) -> None:
+        check_choice("architecture", self.architecture, tuple(ARCHITECTURES))
         check_choice("head", self.head, HEADS)
         check_choice("norm", self.norm, NORMS)
         check_choice("pool", self.pool, POOLS)
@@ -351,7 +357,7 @@ def train_predictor(
         torch.set_num_threads(old_threads)
 
 
-def cohort_datasets(cohort: Any, config: TrainConfig | dict[str, Any]
+def cohort_datasets(cohort: Cohort, config: TrainConfig | dict[str, Any]
                     ) -> dict[str, CohortDataset]:
     """The train, val and test datasets of a cohort, set up as ``config`` asks.
 
@@ -396,7 +402,9 @@ def load_predictor(path: str | os.PathLike, map_location: str | torch.device = "
         The best epoch's weights, in eval mode.
     """
     ckpt = _read_checkpoint(path, map_location)
-    model = BrainAgeCNN(**ckpt["model_config"])
+    # Checkpoints record their architecture's name; those written before the registry
+    # existed hold the CNN.
+    model = build_model(ckpt.get("architecture", "cnn"), **ckpt["model_config"])
     model.load_state_dict(ckpt["state_dict"])
     return model.to(map_location).eval()
 
@@ -433,7 +441,9 @@ class _Trainer:
         self.data_id = {"n_train": len(train_data), "n_val": len(val_data),
                         "train_age_sum": round(float(np.sum(ages)), 3)}
         _seed_everything(cfg.seed)
-        self.model = BrainAgeCNN(**cfg.model_kwargs(train_data.shape, ages)).to(self.device)
+        self.model = build_model(
+            cfg.architecture, **cfg.model_kwargs(train_data.shape, ages)
+        ).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate,
@@ -564,6 +574,7 @@ class _Trainer:
                 k: v.detach().cpu() for k, v in self.best_state.items()}
             ckpt = {
                 "format": CHECKPOINT_FORMAT,
+                "architecture": architecture_name(self.model),
                 "model_config": self.model.config,
                 "state_dict": best,
                 "train_config": self._comparable_config(),

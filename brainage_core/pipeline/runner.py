@@ -12,10 +12,17 @@ Each notebook receives one parameter, ``run_dir`` (absolute). The kernel runs in
 directory the command was started from, so relative paths in the config (such as
 ``data.cache_dir``) resolve there.
 
-A step's *fingerprint* hashes its source notebook, the resolved config, the package code
-and the fingerprint of the step before it (which covers all earlier steps). A re-run skips
-a step whose fingerprint matches a successful earlier execution whose notebook is still
-there; a changed step re-runs, and so does everything after it.
+A step's *fingerprint* hashes its source notebook, its own sections of the config, the
+code it uses and the fingerprints of the steps it needs. A notebook declares the last two
+in its metadata, for example::
+
+    "brainage": {"config_sections": ["maps", "seed"], "needs": ["02_train"]}
+
+(without a declaration: the whole config, and the step before it). The code is every
+module of ``brainage_core`` that the notebook imports, followed through the package's own
+imports. A re-run skips a step whose fingerprint matches a successful earlier execution
+whose notebook is still there; so editing a plot re-runs the steps that draw it (and those
+that need them), never the training upstream.
 
 A failing cell stops the run with :class:`StepFailed`, which names the notebook and the
 cell; the partially executed notebook is kept at its stable name for inspection.
@@ -23,6 +30,7 @@ cell; the partially executed notebook is kept at its stable name for inspection.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import json
@@ -31,7 +39,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,15 +50,8 @@ from brainage_core._utils.validation import BrainAgeInputError
 from brainage_core.study.config import config_hash, dump_config, run_name
 from brainage_core.study.rundir import RunDir
 
-#: The study's steps in execution order (notebooks/<step>.ipynb).
-STUDY_STEPS = (
-    "01_data",
-    "02_train",
-    "03_explain",
-    "04_average",
-    "05_visualise",
-    "06_compare_methods",
-)
+#: The package whose modules the steps' code fingerprints cover.
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 #: Where the source notebooks live (a checkout's ``notebooks/`` folder).
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
@@ -91,10 +92,24 @@ class StepFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class Step:
-    """One notebook of the pipeline."""
+    """One notebook of the pipeline.
+
+    Attributes
+    ----------
+    name : str
+        The notebook's stem, e.g. ``"02_train"``.
+    source : pathlib.Path
+        The source notebook.
+    config_sections : tuple of str or None
+        Top-level config keys the step reads (None: the whole config).
+    needs : tuple of str or None
+        Steps whose results it reads (None: the step before it).
+    """
 
     name: str
     source: Path
+    config_sections: tuple[str, ...] | None = None
+    needs: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -132,27 +147,122 @@ def discover_steps(notebook_dir: str | os.PathLike = NOTEBOOK_DIR) -> list[Step]
     sources = sorted(p for p in notebook_dir.iterdir() if _STEP_PATTERN.match(p.name))
     if not sources:
         raise BrainAgeInputError("holds no study notebooks named NN_step.ipynb", notebook_dir)
-    return [Step(p.stem, p) for p in sources]
+    return [_read_step(p) for p in sources]
 
 
-def code_fingerprint() -> str:
-    """Hash of the package's computational code (the CLI and benchmarks excluded).
+def _read_step(source: Path) -> Step:
+    try:
+        meta = json.loads(source.read_text(encoding="utf-8")).get("metadata", {})
+    except json.JSONDecodeError as err:
+        raise BrainAgeInputError(f"not a valid notebook ({err})", source) from err
+    declared = meta.get("brainage", {})
+    sections, needs = declared.get("config_sections"), declared.get("needs")
+    return Step(
+        source.stem,
+        source,
+        None if sections is None else tuple(sections),
+        None if needs is None else tuple(needs),
+    )
 
-    A change to a model, a loss or a plot invalidates the steps that used it.
+
+def code_fingerprint(
+    modules: Iterable[str] | None = None, package_dir: str | os.PathLike = PACKAGE_DIR
+) -> str:
+    """Hash of the package code that ``modules`` import (all of it without ``modules``).
+
+    Parameters
+    ----------
+    modules : iterable of str or None, default=None
+        Dotted module names (``"brainage_core.plotting.maps"``); their files, the package
+        modules they import (transitively, local imports included) and the ``__init__``
+        files of their packages are hashed. None hashes every module (the CLI and
+        benchmarks excluded).
+    package_dir : str or os.PathLike, default=PACKAGE_DIR
+        The ``brainage_core`` folder to read.
     """
-    package = Path(__file__).resolve().parents[1]
+    package = Path(package_dir)
+    if modules is None:
+        files = sorted(
+            p for p in package.rglob("*.py")
+            if p.relative_to(package).parts[0] not in ("cli", "bench")
+        )
+    else:
+        files = sorted(_import_closure(set(modules), package))
     digest = hashlib.sha256()
-    for path in sorted(package.rglob("*")):
-        rel = path.relative_to(package)
-        if rel.parts[0] in ("cli", "bench", "__pycache__") or path.suffix not in (".py", ".yaml"):
-            continue
-        digest.update(str(rel).encode())
+    for path in files:
+        digest.update(str(path.relative_to(package)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
+def notebook_modules(source: str | os.PathLike) -> set[str]:
+    """The ``brainage_core`` modules a notebook's code cells import."""
+    cells = json.loads(Path(source).read_text(encoding="utf-8")).get("cells", [])
+    code = "\n".join(
+        "".join(c.get("source", "")) for c in cells if c.get("cell_type") == "code"
+    )
+    # IPython magics and shell escapes are not Python
+    code = "\n".join(ln for ln in code.splitlines() if not ln.lstrip().startswith(("%", "!")))
+    return _imported_modules(code, package="")
+
+
+def _imported_modules(code: str, package: str) -> set[str]:
+    """Dotted names imported by ``code`` (relative imports resolved against ``package``)."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return set()
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            found.add(module)
+            # ``from package import submodule`` imports the submodule too
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return {m for m in found if m == "brainage_core" or m.startswith("brainage_core.")}
+
+
+def _module_file(module: str, package: Path) -> Path | None:
+    parts = module.split(".")[1:]
+    candidate = package.joinpath(*parts)
+    if candidate.with_suffix(".py").is_file():
+        return candidate.with_suffix(".py")
+    if (candidate / "__init__.py").is_file():
+        return candidate / "__init__.py"
+    return None
+
+
+def _import_closure(modules: set[str], package: Path) -> set[Path]:
+    """Files of ``modules``, of the package modules they import, and of their packages."""
+    files: set[Path] = set()
+    todo = list(modules)
+    seen: set[str] = set()
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        parts = module.split(".")
+        todo.extend(".".join(parts[:k]) for k in range(1, len(parts)))  # parent packages
+        path = _module_file(module, package)
+        if path is None:
+            continue  # a name imported from a module, not a module
+        files.add(path)
+        own = module if path.name == "__init__.py" else ".".join(parts[:-1])
+        todo.extend(_imported_modules(path.read_text(encoding="utf-8"), own) - seen)
+    return files
+
+
 def step_fingerprint(step: Step, config: Mapping[str, Any], upstream: str, code: str) -> str:
-    """Fingerprint of one step: its notebook, the config, the code and the step before."""
+    """Fingerprint of one step: its notebook, its config sections, its code, its needs."""
+    if step.config_sections is not None:
+        config = {k: config.get(k) for k in step.config_sections}
     digest = hashlib.sha256()
     digest.update(step.source.read_bytes())
     digest.update(config_hash(config, length=64).encode())
@@ -274,6 +384,7 @@ def run_pipeline(
     progress: bool = True,
     log: Callable[[str], None] = print,
     code_version: str | None = None,
+    package_dir: str | os.PathLike = PACKAGE_DIR,
 ) -> PipelineResult:
     """Execute the study notebooks for ``config`` into a run folder.
 
@@ -296,8 +407,11 @@ def run_pipeline(
     log : callable, default=print
         Receives one line per step.
     code_version : str or None, default=None
-        Identifies the package code in the fingerprints; ``None`` hashes the package
-        (:func:`code_fingerprint`), so that editing the code re-runs the steps.
+        Identifies the package code in the fingerprints; ``None`` hashes, for each step,
+        the modules its notebook uses (:func:`code_fingerprint`), so that editing the code
+        re-runs the steps that use it.
+    package_dir : str or os.PathLike, default=PACKAGE_DIR
+        The ``brainage_core`` folder whose code is hashed.
 
     Returns
     -------
@@ -318,14 +432,21 @@ def run_pipeline(
     run = prepare_run_dir(config, run_dir, runs_root=runs_root)
     root = run.root.resolve()
     state = load_state(run)
-    code = code_fingerprint() if code_version is None else code_version
     result = PipelineResult(run_dir=root)
-    upstream = ""
+    fingerprints: dict[str, str] = {}
     log(f"run folder: {root}  ({len(steps)} steps)")
     with python_kernel() as kernel:
         for number, step in enumerate(steps, start=1):
+            code = (
+                code_fingerprint(notebook_modules(step.source), package_dir)
+                if code_version is None
+                else code_version
+            )
+            previous = [steps[number - 2].name] if number > 1 else []
+            needs = previous if step.needs is None else step.needs
+            upstream = "".join(fingerprints.get(name, f"<{name}: not run>") for name in needs)
             fingerprint = step_fingerprint(step, config, upstream, code)
-            upstream = fingerprint
+            fingerprints[step.name] = fingerprint
             output = run.notebooks / f"{step.name}.ipynb"
             record = state["steps"].get(step.name, {})
             label = f"[{number}/{len(steps)}] {step.name}"
@@ -405,7 +526,6 @@ def failed_steps(run_dir: str | os.PathLike) -> list[str]:
 
 
 __all__ = [
-    "STUDY_STEPS",
     "NOTEBOOK_DIR",
     "PipelineResult",
     "Step",

@@ -15,13 +15,7 @@ from brainage_core.analysis import population as population_mod
 from brainage_core.analysis.faithfulness import deletion_auc, deletion_curve
 from brainage_core.analysis.localisation import (
     age_correlation_map,
-    coverage_regions,
-    depth_matched_auroc,
-    localisation_auroc,
-    planted_in_top,
-    planted_ranks,
-    rank_correlation,
-    relevance_mass,
+    score_map,
 )
 from brainage_core.analysis.regions import region_table, top_regions, write_region_table
 from brainage_core.study.explain import load_noise_model
@@ -29,9 +23,6 @@ from brainage_core.study.maps import (
     CEILING,
     CEILING_MAP,
     NOISE,
-    REGIONS_TABLE,
-    RELIANCE_TABLE,
-    GroundTruth,
     MapsStudy,
     load_truth,
     merge_metrics,
@@ -73,92 +64,9 @@ def population_maps(study: MapsStudy) -> PopulationResult:
         min_subjects=s.age_band_min_subjects,
     )
     table = region_table(population, study.atlas(), min_voxels=s.min_region_voxels)
-    write_region_table(table, study.run.tables / REGIONS_TABLE)
+    write_region_table(table, study.run.table("regions"))
     study.run.update_metrics("regions", {"top": top_regions(table, s.top_regions)})
     return PopulationResult(population=population, bands=bands, paths=paths, table=table)
-
-
-def score_map(
-    importance: np.ndarray,
-    table: pd.DataFrame | None,
-    truth: GroundTruth | None,
-    brain: np.ndarray,
-    *,
-    reliance: dict[str, float] | None = None,
-    atlas: Any = None,
-    coverage: float = 0.5,
-) -> dict[str, Any]:
-    """Localisation scores of one (population) map; empty without ground truth.
-
-    Every method's map gets the same scores:
-
-    * ``localisation_auroc``, ``relevance_mass`` and ``localisation_auroc_depth_matched``
-      against the binary truth;
-    * ``localisation_auroc_core`` and ``relevance_mass_core``: the same with the weak
-      smoothing tails left out (planted change below ``truth.weak_tail``);
-    * ``rank_correlation``: Spearman correlation with the continuous truth;
-    * ``localisation_auroc_by_effect`` (each effect against the unplanted brain) and,
-      given the predictor's ``reliance`` shares, ``localisation_auroc_reliance_weighted``;
-    * with a region ``table``: ``planted_top``/``planted_ranks`` (the generator's region
-      names) and, given the ``atlas``, the coverage-based region truth
-      (``planted_regions_coverage``, regions with at least ``coverage`` of their voxels
-      planted, hemispheres merged) and ``planted_in_top3``.
-    """
-    if truth is None:
-        return {}
-    positives, scored = truth.core()
-    core_brain = brain & scored
-    scores: dict[str, Any] = {
-        "localisation_auroc": localisation_auroc(importance, truth.mask, brain),
-        "relevance_mass": relevance_mass(np.clip(importance, 0, None), truth.mask, brain),
-        "relevance_mass_uniform": float(truth.mask[brain].mean()),
-        "localisation_auroc_depth_matched": depth_matched_auroc(importance, truth.mask, brain),
-        "localisation_auroc_core": localisation_auroc(importance, positives, core_brain),
-        "relevance_mass_core": relevance_mass(np.clip(importance, 0, None), positives, core_brain),
-        "relevance_mass_core_uniform": float(positives[core_brain].mean()),
-        "weak_tail_share": float(
-            (truth.mask & ~positives)[brain].sum() / max(truth.mask[brain].sum(), 1)
-        ),
-    }
-    if truth.strength is not None:
-        scores["rank_correlation"] = rank_correlation(importance, truth.strength, brain)
-    if truth.effect_masks:
-        # Each effect against the unplanted brain (the other effects' voxels left out).
-        by_effect = {
-            kind: localisation_auroc(importance, mask, brain & (mask | ~truth.mask))
-            for kind, mask in truth.effect_masks.items()
-        }
-        scores["localisation_auroc_by_effect"] = by_effect
-        if reliance:
-            shares = {k: max(float(reliance.get(k, 0.0)), 0.0) for k in by_effect}
-            total = sum(shares.values())
-            if total > 0:
-                scores["localisation_auroc_reliance_weighted"] = float(
-                    sum(shares[k] * by_effect[k] for k in by_effect) / total
-                )
-    if table is not None:
-        ranks = planted_ranks(table, truth.regions)
-        scores.update(
-            {
-                "planted_top": ranks["top"],
-                "planted_precision_at_k": ranks["precision_at_k"],
-                "planted_ranks": ranks["ranks"],
-            }
-        )
-    if atlas is not None:
-        merged = region_table(importance, atlas, bilateral=True)
-        planted = coverage_regions(truth.mask, atlas, share=coverage, bilateral=True)
-        top = planted_in_top(merged, list(planted), max(3, len(planted)))
-        scores.update(
-            {
-                "region_coverage": coverage,
-                "planted_regions_coverage": planted,
-                "planted_in_top3": top["all_in_top"],
-                "planted_ranks_merged": top["ranks"],
-                "top_regions_merged": list(merged["name"].head(5)),
-            }
-        )
-    return scores
 
 
 def reliance_shares(study: MapsStudy) -> dict[str, float] | None:
@@ -260,7 +168,7 @@ def deletion_reference(explainer: Any, images: torch.Tensor) -> torch.Tensor:
     image when known, else the mean of ``images`` (never 0, the CSF intensity).
     """
     with torch.no_grad():
-        if explainer.perturbation != "additive":
+        if explainer.noise.perturbation != "additive":
             return explainer.reference_image(images.to(explainer.device)).cpu()
         if explainer.reference is not None:
             return explainer.reference.cpu()
@@ -292,7 +200,7 @@ def model_reliance(study: MapsStudy, *, progress: bool = True) -> pd.DataFrame |
         delta=s.reliance_delta,
         progress=progress,
     )
-    write_table(study.run.tables / RELIANCE_TABLE, table)
+    write_table(study.run.table("effect_reliance"), table)
     study.run.update_metrics(
         "reliance",
         {

@@ -17,7 +17,7 @@ from brainage_core.analysis.faithfulness import (
     deletion_curve,
     faithfulness,
 )
-from brainage_core.analysis.localisation import localisation_auroc
+from brainage_core.analysis.localisation import localisation_auroc, score_map
 from brainage_core.analysis.regions import region_table
 from brainage_core.explain.captum import CaptumExplainer
 from brainage_core.explain.noise.amortised import NoiseMapExplainer
@@ -25,7 +25,6 @@ from brainage_core.study.average import (
     ceiling_map,
     deletion_reference,
     reliance_shares,
-    score_map,
 )
 from brainage_core.study.explain import per_subject_explainer
 from brainage_core.study.maps import (
@@ -109,9 +108,10 @@ def compare_methods(
     (``budget_shift_learned/permuted/inverted`` and their ratios: the amortised model's
     noise budget of each subject placed by the method's ranking, at random and inverted,
     with the noise model's perturbation, see
-    :func:`brainage_core.analysis.faithfulness.budget_faithfulness`); the first version's fixed-noise
-    test (``fixed_noise_shift_map/random/inverted``: noise of ``s_max`` on a fixed share of
-    the brain, a harsher regime than the maps were trained for); milliseconds per subject.
+    :func:`brainage_core.analysis.faithfulness.budget_faithfulness`); the first version's
+    fixed-noise test (``fixed_noise_shift_map/random/inverted``: noise of ``s_max`` on a
+    fixed share of the brain, a harsher regime than the maps were trained for);
+    milliseconds per subject.
 
     Returns
     -------
@@ -197,7 +197,7 @@ def compare_methods(
             explainer.perturb,
             study.cohort.mask,
             n_draws=s.faithfulness_draws,
-            seed=s.seed or 0,
+            seed=s.noise.seed,
         )
         row.update({f"budget_shift_{k}": v for k, v in like.items()})
         # the first version's test: noise of s_max on a fixed share of the brain, a harsher
@@ -208,8 +208,8 @@ def compare_methods(
             maps,
             study.cohort.mask,
             fraction=s.faithfulness_fraction,
-            sigma=explainer.s_max,
-            seed=s.seed or 0,
+            sigma=explainer.noise.s_max,
+            seed=s.noise.seed,
         )
         row.update({f"fixed_noise_shift_{k}": v for k, v in fixed.items()})
         row["top_region"] = table["name"].iloc[0] if len(table) else ""
@@ -231,6 +231,6 @@ def compare_methods(
             )
     scores_df = pd.DataFrame(rows)
     curves_df = pd.concat(curves, ignore_index=True)[["method", "kind", "fraction", "change"]]
-    write_table(study.run.tables / "method_comparison.csv", scores_df)
-    write_table(study.run.tables / "deletion_curves.csv", curves_df)
+    write_table(study.run.table("method_comparison"), scores_df)
+    write_table(study.run.table("deletion_curves"), curves_df)
     return scores_df, curves_df, mean_maps

@@ -24,7 +24,7 @@ import json
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import nibabel as nib
@@ -39,14 +39,10 @@ from brainage_core.explain.noise.amortised import NoiseMapExplainer, read_checkp
 from brainage_core.explain.noise.calibration import calibrate_lambda
 from brainage_core.explain.noise.per_subject import PerSubjectNoiseMap
 from brainage_core.study.maps import (
-    CALIBRATION_TABLE,
-    MAPS_SOURCE,
     NOISE,
     NOISE_PER_SUBJECT,
-    SUBJECT_MAPS_TABLE,
     MapsStudy,
     merge_metrics,
-    subject_map_path,
 )
 
 
@@ -81,16 +77,21 @@ def fit_noise_model(study: MapsStudy, *, progress: bool = True) -> FitResult:
     (the config changed) is replaced, with a warning.
     """
     s = study.settings
-    kwargs = s.explainer_kwargs()
+    noise = s.noise
     curve = None
     if s.calibrate:
         curve = _calibration_curve(study, progress=progress)
-        kwargs["lam"] = float(curve.loc[curve["chosen"], "lam"].iloc[0])
-    explainer = NoiseMapExplainer(study.predictor, mask=study.cohort.mask, **kwargs)
+        noise = replace(noise, lam=float(curve.loc[curve["chosen"], "lam"].iloc[0]))
+    explainer = NoiseMapExplainer(
+        study.predictor, noise, mask=study.cohort.mask, **s.network_kwargs()
+    )
     resume = True
     if study.noise_checkpoint.is_file():
-        stored = read_checkpoint(study.noise_checkpoint)["settings"]
-        if stored != explainer.settings():
+        try:
+            stored = read_checkpoint(study.noise_checkpoint)["settings"]
+        except BrainAgeInputError as err:  # an older layout, or a damaged file
+            stored = str(err)
+        if not explainer.matches(stored):
             warnings.warn(
                 f"{study.noise_checkpoint}: trained with {stored}, the config now asks for "
                 f"{explainer.settings()}; training a new noise model.",
@@ -113,10 +114,10 @@ def fit_noise_model(study: MapsStudy, *, progress: bool = True) -> FitResult:
         {
             NOISE: {
                 **study.run.read_metrics().get("maps", {}).get(NOISE, {}),
-                "lam": explainer.lam,
+                "lam": explainer.noise.lam,
                 "epochs": explainer.epochs_trained,
                 "train_seconds": seconds,
-                "target": explainer.target,
+                "target": explainer.noise.target,
             }
         },
     )
@@ -133,22 +134,21 @@ def load_noise_model(study: MapsStudy) -> NoiseMapExplainer:
 
 
 def _calibration_curve(study: MapsStudy, *, progress: bool) -> pd.DataFrame:
-    path = study.run.tables / CALIBRATION_TABLE
+    path = study.run.table("lambda_calibration")
     s = study.settings
     if path.is_file():
         curve = pd.read_csv(path)
         same = sorted(curve["lam"].tolist()) == sorted(float(v) for v in s.lambdas)
         if same and "tolerance" in curve and float(curve["tolerance"].iloc[0]) == s.tolerance:
             return curve
-    kwargs = s.explainer_kwargs()
-    kwargs.pop("lam")
     result = calibrate_lambda(
         study.predictor,
         study.subset("train", s.max_train_subjects),
         study.subset("val", s.max_val_subjects),
         lambdas=s.lambdas,
         tolerance=s.tolerance,
-        explainer_kwargs={"mask": study.cohort.mask, **kwargs},
+        settings=s.noise,
+        explainer_kwargs={"mask": study.cohort.mask, **s.network_kwargs()},
         fit_kwargs={"epochs": s.calibration_epochs, "batch_size": s.batch_size, "lr": s.lr},
         progress=progress,
     )
@@ -208,7 +208,7 @@ def write_subject_maps(
     if resume:
         source = _maps_source(study)
     else:  # maps of unknown origin: a later resume must not trust them
-        (study.run.maps / MAPS_SOURCE).unlink(missing_ok=True)
+        study.run.maps_source.unlink(missing_ok=True)
         source = None
     todo = [i for i in indices if not _map_is_current(study, i, source)]
     batch = study.settings.batch_size
@@ -219,7 +219,7 @@ def write_subject_maps(
         maps = explainer.attribute(study.images(chunk))
         for pid, arr in zip(study.participant_ids(chunk), maps[:, 0].numpy(), strict=True):
             save_nifti(
-                study.cohort.to_image(arr.astype(np.float32)), subject_map_path(study.run.maps, pid)
+                study.cohort.to_image(arr.astype(np.float32)), study.run.subject_map(pid)
             )
     table = pd.DataFrame(
         {
@@ -227,14 +227,14 @@ def write_subject_maps(
             "age": [float(a) for a in study.ages(indices)],
             "split": split,
             "path": [
-                os.path.relpath(subject_map_path(study.run.maps, pid), study.run.root)
+                os.path.relpath(study.run.subject_map(pid), study.run.root)
                 for pid in study.participant_ids(indices)
             ],
         },
         columns=["participant_id", "age", "split", "path"],
     )
     if shard is None:
-        write_table(study.run.tables / SUBJECT_MAPS_TABLE, table)
+        write_table(study.run.table("subject_maps"), table)
     return table
 
 
@@ -262,7 +262,7 @@ def _maps_source(study: MapsStudy) -> str | None:
     if not ckpt.is_file():
         return None
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
-    record = study.run.maps / MAPS_SOURCE
+    record = study.run.maps_source
     try:
         previous = json.loads(record.read_text(encoding="utf-8")).get("noise_model_sha256")
     except (OSError, ValueError, AttributeError):
@@ -280,7 +280,7 @@ def _maps_source(study: MapsStudy) -> str | None:
 def _map_is_current(study: MapsStudy, index: int, source: str | None) -> bool:
     if source is None:
         return False
-    path = subject_map_path(study.run.maps, study.participant_ids([index])[0])
+    path = study.run.subject_map(study.participant_ids([index])[0])
     if not path.is_file():
         return False
     try:
@@ -318,10 +318,12 @@ def time_methods(
 def per_subject_explainer(
     study: MapsStudy, explainer: NoiseMapExplainer, images: torch.Tensor | None = None
 ) -> PerSubjectNoiseMap:
-    """The per-subject mode with the amortised model's perturbation and operating point.
+    """The per-subject mode with the amortised model's settings and operating point.
 
-    With ``maps.per_subject_match_mean_b`` and ``images``, the per-subject maps are held at
-    the amortised model's mean B on those images, so both modes spend the same budget.
+    It shares the amortised model's :class:`NoiseSettings` (the perturbation included) and
+    reference image. With ``maps.per_subject_match_mean_b`` and ``images``, the
+    per-subject maps are held at the amortised model's mean B on those images, so both
+    modes spend the same budget.
     """
     s = study.settings
     mean_b = None
@@ -332,17 +334,13 @@ def per_subject_explainer(
         mean_b = min(max(mean_b, 0.01), 0.99)
     return PerSubjectNoiseMap(
         study.predictor,
+        explainer.noise,
         mask=study.cohort.mask,
-        lam=explainer.lam,
-        target=explainer.target,
-        loss=explainer.loss,
         reference=explainer.reference,
-        **{k: v for k, v in explainer.perturbation_settings().items()},
         steps=s.per_subject_steps,
         lr=s.per_subject_lr,
         coarse=s.per_subject_coarse,
         fixed_noise=s.per_subject_fixed_noise,
         mean_b=mean_b,
         patience=s.per_subject_patience,
-        seed=explainer.seed,
     )

@@ -18,14 +18,10 @@ from brainage_core._utils.validation import (
     check_fraction,
     check_positive,
 )
-from brainage_core.analysis.localisation import (
-    core_truth,
-    image_on_grid,
-    truth_on_grid,
-)
-from brainage_core.explain.captum import METHODS
-from brainage_core.explain.noise.objective import LOSSES, TARGETS
-from brainage_core.explain.noise.perturbations import PERTURBATIONS
+from brainage_core.analysis.truth import GridTruth, truth_on_cohort_grid
+from brainage_core.explain.captum import CAPTUM_METHODS
+from brainage_core.explain.noise.settings import NoiseSettings
+from brainage_core.explain.noise.settings import field_names as noise_field_names
 from brainage_core.study.rundir import RunDir
 
 #: Names of the methods in tables and in ``metrics.json``.
@@ -35,12 +31,6 @@ NOISE_PER_SUBJECT = "noise_per_subject"
 CEILING = "ceiling_age_correlation"
 CEILING_MAP = "ceiling_age_correlation.nii.gz"
 
-NOISE_CHECKPOINT = "noise_model.pt"
-CALIBRATION_TABLE = "lambda_calibration.csv"
-RELIANCE_TABLE = "effect_reliance.csv"
-MAPS_SOURCE = ".maps_source.json"
-SUBJECT_MAPS_TABLE = "subject_maps.csv"
-REGIONS_TABLE = "regions.csv"
 
 
 @dataclass
@@ -49,25 +39,13 @@ class MapsConfig:
 
     Attributes
     ----------
-    target : {"prediction", "age"}, default="prediction"
-        Target of the task loss (see the module docstring for why "prediction"; "age"
-        is the paper's).
-    perturbation : str, default="additive"
-        A name in :data:`brainage_core.explain.noise.perturbations.PERTURBATIONS` ("additive" is the
-        paper's noise; "replace_mean" and "replace_blur" remove information).
-    noise_sd : float, default=0.0
-        Extra noise at B = 1 of the replacement perturbations.
-    blur_sigma : float, default=2.0
-        Blur (voxels) of "replace_blur".
-    loss : {"l1", "l2"}, default="l1"
-        Task loss of the noise model.
-    lam : float, default=1.0
-        Lambda of the noise term, used as is unless ``calibrate`` is true.
-    s_min, s_max : float, default=0.0, 0.3
-        Noise standard deviation at B = 0 and B = 1, in units of the normalised
-        intensities (CSF near 0, white matter near 1; see :mod:`brainage_core.preprocess`).
-        At 1.0 (the full tissue contrast) the predictors of the study lose their
-        prediction under almost any noise and B collapses towards 0 everywhere.
+    noise : NoiseSettings
+        The noise model's objective, declared in
+        :class:`~brainage_core.explain.noise.settings.NoiseSettings`. In the config its
+        fields are keys of the ``maps`` section itself: ``maps.lam`` (used as is unless
+        ``calibrate`` is true), ``maps.s_min``, ``maps.s_max``, ``maps.target``,
+        ``maps.perturbation``, ``maps.noise_sd``, ``maps.blur_sigma``, ``maps.loss`` and
+        ``maps.seed`` (None or absent: the study's top-level ``seed``).
     channels, depth : int, default=8, 2
         Width and depth of the U-Net noise model.
     downsample : int, default=1
@@ -117,7 +95,7 @@ class MapsConfig:
         Length of the ranked list stored in ``metrics.json`` under ``regions.top``.
     baselines : list of str, default=["saliency", "integrated_gradients"]
         captum methods compared with the noise maps (see
-        :data:`brainage_core.explain.captum.METHODS`).
+        :data:`brainage_core.explain.captum.CAPTUM_METHODS`).
     ig_steps : int, default=16
         Integration steps of integrated gradients.
     compare_subjects : int, default=8
@@ -130,7 +108,7 @@ class MapsConfig:
         were trained for).
     weak_tail : float, default=0.05
         Truth voxels whose planted intensity change is below this are left out of the
-        binary-truth scores (neither planted nor unplanted).
+        core scores (neither planted nor unplanted).
     region_coverage : float, default=0.5
         A region counts as planted when at least this share of its voxels is in the
         truth (coverage-based region truth).
@@ -139,18 +117,9 @@ class MapsConfig:
         effect (synthetic cohorts only; see :mod:`brainage_core.reliance`; 0 skips it).
     reliance_delta : float, default=10.0
         Years by which each effect is aged in that measurement.
-    seed : int or None, default=None
-        Seed of the noise model; None takes the study's top-level ``seed``.
     """
 
-    target: str = "prediction"
-    perturbation: str = "additive"
-    noise_sd: float = 0.0
-    blur_sigma: float = 2.0
-    loss: str = "l1"
-    lam: float = 1.0
-    s_min: float = 0.0
-    s_max: float = 0.3
+    noise: NoiseSettings = field(default_factory=NoiseSettings)
     channels: int = 8
     depth: int = 2
     downsample: int = 1
@@ -185,22 +154,17 @@ class MapsConfig:
     faithfulness_fraction: float = 0.5
     reliance_subjects: int = 16
     reliance_delta: float = 10.0
-    seed: int | None = None
 
     def __post_init__(self) -> None:
-        check_choice("maps.target", self.target, TARGETS)
-        check_choice("maps.perturbation", self.perturbation, tuple(PERTURBATIONS))
-        check_choice("maps.loss", self.loss, LOSSES)
-        check_positive("maps.blur_sigma", self.blur_sigma)
+        check_positive("maps.tolerance", self.tolerance, allow_zero=True)
+        check_positive("maps.weak_tail", self.weak_tail, allow_zero=True)
         check_fraction("maps.region_coverage", self.region_coverage, allow_one=True)
         for name in ("per_subject_fixed_noise", "per_subject_match_mean_b"):
             if not isinstance(getattr(self, name), bool):
                 raise BrainAgeInputError(
                     f"'maps.{name}' must be true or false; {getattr(self, name)!r} was provided."
                 )
-        for name in ("lam", "s_min", "tolerance", "noise_sd", "weak_tail"):
-            check_positive(f"maps.{name}", getattr(self, name), allow_zero=True)
-        for name in ("s_max", "lr", "per_subject_lr", "age_band_width", "reliance_delta"):
+        for name in ("lr", "per_subject_lr", "age_band_width", "reliance_delta"):
             check_positive(f"maps.{name}", getattr(self, name))
         for name in ("max_train_subjects", "max_val_subjects", "num_threads"):
             if getattr(self, name) is not None:
@@ -232,11 +196,6 @@ class MapsConfig:
                 allow_zero=name in ("depth", "timing_subjects", "reliance_subjects"),
             )
         check_fraction("maps.faithfulness_fraction", self.faithfulness_fraction, allow_one=True)
-        if self.s_max < self.s_min:
-            raise BrainAgeInputError(
-                f"'maps.s_max' must be at least 'maps.s_min' ({self.s_min}); "
-                f"{self.s_max!r} was provided."
-            )
         if not isinstance(self.calibrate, bool):
             raise BrainAgeInputError(
                 f"'maps.calibrate' must be true or false; {self.calibrate!r} was provided."
@@ -247,14 +206,13 @@ class MapsConfig:
             )
         for lam in self.lambdas:
             check_positive("maps.lambdas", lam)
+
         if not isinstance(self.baselines, (list, tuple)):
             raise BrainAgeInputError(
                 f"'maps.baselines' must be a list; {self.baselines!r} was provided."
             )
         for method in self.baselines:
-            check_choice("maps.baselines", method, METHODS)
-        if self.seed is not None:
-            check_positive("maps.seed", self.seed, integer=True, allow_zero=True)
+            check_choice("maps.baselines", method, tuple(CAPTUM_METHODS))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, *, seed: int | None = None) -> MapsConfig:
@@ -268,86 +226,41 @@ class MapsConfig:
             The study's top-level seed, used when the section sets none.
         """
         d = dict(d or {})
-        known = {f.name for f in fields(cls)}
+        noise_keys = noise_field_names()
+        known = {f.name for f in fields(cls) if f.name != "noise"} | set(noise_keys)
         unknown = sorted(set(d) - known)
         if unknown:
             raise BrainAgeInputError(
                 f"unknown key(s) in config section 'maps': {unknown}; it has {sorted(known)}"
             )
-        if d.get("seed") is None and seed is not None:
-            d["seed"] = seed
+        noise = {k: d.pop(k) for k in noise_keys if k in d}
+        if noise.get("seed") is None:
+            noise["seed"] = 0 if seed is None else seed
+        for name in ("lam", "s_min", "s_max", "noise_sd", "blur_sigma"):
+            if isinstance(noise.get(name), int) and not isinstance(noise.get(name), bool):
+                noise[name] = float(noise[name])
+        d["noise"] = NoiseSettings.from_dict(noise, prefix="maps.")
         for name in (
-            "lam",
-            "s_min",
-            "s_max",
             "lr",
             "per_subject_lr",
             "tolerance",
             "age_band_width",
             "faithfulness_fraction",
             "reliance_delta",
-            "noise_sd",
-            "blur_sigma",
-            "weak_tail",
-            "region_coverage",
         ):
             if isinstance(d.get(name), int) and not isinstance(d.get(name), bool):
                 d[name] = float(d[name])
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of the settings (YAML/JSON-ready)."""
-        return asdict(self)
+        """Plain dict of the settings, flat as in the config (YAML/JSON-ready)."""
+        d = asdict(self)
+        return {**d.pop("noise"), **d}
 
-    def explainer_kwargs(self) -> dict[str, Any]:
-        """Arguments of :class:`NoiseMapExplainer` (all but ``predictor`` and ``mask``)."""
-        return {
-            "lam": self.lam,
-            "perturbation": self.perturbation,
-            "s_min": self.s_min,
-            "s_max": self.s_max,
-            "noise_sd": self.noise_sd,
-            "blur_sigma": self.blur_sigma,
-            "target": self.target,
-            "loss": self.loss,
-            "channels": self.channels,
-            "depth": self.depth,
-            "downsample": self.downsample,
-            "seed": self.seed or 0,
-        }
+    def network_kwargs(self) -> dict[str, Any]:
+        """The noise model's architecture: arguments of :class:`NoiseMapExplainer`."""
+        return {"channels": self.channels, "depth": self.depth, "downsample": self.downsample}
 
-
-@dataclass
-class GroundTruth:
-    """The planted age signal of a synthetic cohort, on the cohort's grid.
-
-    Attributes
-    ----------
-    mask : numpy.ndarray of bool
-        Voxels that carry planted age signal.
-    regions : list of str
-        Atlas patterns of the planted regions.
-    effect_masks : dict of str to numpy.ndarray
-        The voxels of each kind of effect (for example ``"cortical_thinning"``), so that
-        a map can be scored per effect; empty when unknown.
-    strength : numpy.ndarray or None
-        Continuous truth: the planted intensity change of each voxel (0 outside the
-        truth); None when unknown.
-    weak_tail : float
-        Planted voxels whose change is below this are left out of the core scores.
-    """
-
-    mask: np.ndarray
-    regions: list[str]
-    effect_masks: dict[str, np.ndarray] = field(default_factory=dict)
-    strength: np.ndarray | None = None
-    weak_tail: float = 0.05
-
-    def core(self) -> tuple[np.ndarray, np.ndarray]:
-        """Planted voxels without the weak tails, and the voxels that are scored."""
-        if self.strength is None:
-            return self.mask, np.ones(self.mask.shape, bool)
-        return core_truth(self.mask, self.strength, self.weak_tail)
 
 
 # -- the study a map step works on ------------------------------------------------------------
@@ -374,7 +287,7 @@ class MapsStudy:
     settings: MapsConfig
     cohort: Any
     predictor: nn.Module
-    truth: GroundTruth | None = None
+    truth: GridTruth | None = None
 
     @classmethod
     def open(
@@ -407,7 +320,7 @@ class MapsStudy:
         if settings.num_threads is not None:
             torch.set_num_threads(settings.num_threads)
         cohort = load_cohort(config["data"], progress=progress)
-        ckpt = run.root / "checkpoints" / "predictor.pt"
+        ckpt = run.predictor_checkpoint
         if not ckpt.is_file():
             raise BrainAgeInputError(
                 "no trained predictor: run notebooks/02_train.ipynb first", ckpt
@@ -428,7 +341,7 @@ class MapsStudy:
 
         idx = self.indices(split)
         if n is not None and len(idx) > n:
-            rng = np.random.default_rng(self.settings.seed or 0)
+            rng = np.random.default_rng(self.settings.noise.seed)
             idx = np.sort(rng.choice(idx, size=int(n), replace=False))
         return CohortDataset(self.cohort, indices=idx)
 
@@ -451,7 +364,7 @@ class MapsStudy:
 
     @property
     def noise_checkpoint(self) -> Path:
-        return self.run.checkpoints / NOISE_CHECKPOINT
+        return self.run.noise_checkpoint
 
     def atlas(self) -> Any:
         """The Harvard–Oxford atlas on the cohort's grid."""
@@ -461,14 +374,10 @@ class MapsStudy:
 
 
 # -- 03: per-subject maps ------------------------------------------------------------------
-def subject_map_path(maps_dir: str | os.PathLike, participant_id: str) -> Path:
-    """``maps_dir/<participant_id>_importance.nii.gz``."""
-    return Path(maps_dir) / f"{participant_id}_importance.nii.gz"
-
 
 def read_subject_maps(study: MapsStudy) -> pd.DataFrame:
     """The index of per-subject maps written by :func:`write_subject_maps` (absolute paths)."""
-    path = study.run.root / "tables" / SUBJECT_MAPS_TABLE
+    path = study.run.table("subject_maps")
     if not path.is_file():
         raise BrainAgeInputError("no per-subject maps: run notebooks/03_explain.ipynb first", path)
     table = pd.read_csv(path)
@@ -482,45 +391,12 @@ def merge_metrics(study: MapsStudy, method: str, values: dict[str, Any]) -> None
 
 
 # -- 04: population maps, regions, ground truth -------------------------------------------
-def load_truth(study: MapsStudy) -> GroundTruth | None:
-    """The ground truth of a synthetic cohort on its grid; None for real data.
+def load_truth(study: MapsStudy) -> GridTruth | None:
+    """The ground truth of the run's cohort on its grid; None for real data.
 
     ``study.truth``, when set, is returned as is.
     """
     if study.truth is not None:
         return study.truth
-    root = study.cohort.metadata.get("source_root")
-    if not root or not (Path(root) / "derivatives" / "ground_truth").is_dir():
-        return None
-    from brainage_core.data.synth.cohort import load_ground_truth
+    return truth_on_cohort_grid(study.cohort, weak_tail=study.settings.weak_tail)
 
-    truth = load_ground_truth(root)
-    grid = (study.cohort.affine, study.cohort.mask.shape)
-    mask = truth_on_grid(truth.mask_img, *grid)
-    effect_masks = {
-        kind: truth_on_grid(img, *grid) & study.cohort.mask
-        for kind, img in truth.effect_mask_imgs.items()
-    }
-    strength = getattr(truth, "strength_img", None)
-    return GroundTruth(
-        mask=mask & study.cohort.mask,
-        regions=planted_patterns(truth),
-        effect_masks=effect_masks,
-        strength=None if strength is None else image_on_grid(strength, *grid) * study.cohort.mask,
-        weak_tail=study.settings.weak_tail,
-    )
-
-
-def planted_patterns(truth: Any) -> list[str]:
-    """Atlas patterns of the planted regions of a ``synth.GroundTruth``."""
-    for name in ("planted_regions", "regions", "region_names"):
-        value = getattr(truth, name, None)
-        if value:
-            return [str(v) for v in value]
-    effects = getattr(truth, "effects", None)
-    if effects is not None and "regions" in effects:
-        out: list[str] = []
-        for cell in effects["regions"]:
-            out.extend(p.strip() for p in str(cell).replace(";", ",").split(",") if p.strip())
-        return sorted(set(out))
-    raise BrainAgeInputError("the ground truth names no planted regions")

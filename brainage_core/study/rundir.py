@@ -11,7 +11,9 @@
         figures/             static figures
         metrics.json         {"data": {...}, "prediction": {...}, "maps": {...}, "regions": {...}}
 
-Notebooks find each other's artefacts through this class, never through typed paths.
+Notebooks, steps and benchmarks find each other's artefacts through this class (for
+example :attr:`RunDir.predictor_checkpoint`, :meth:`RunDir.table`), never through typed
+paths.
 """
 
 from __future__ import annotations
@@ -26,6 +28,19 @@ import yaml
 
 from brainage_core._utils.io import write_json, write_text
 from brainage_core._utils.validation import BrainAgeInputError
+from brainage_core.analysis.population import POPULATION_FILE
+
+#: The run's tables by name (``tables/<file>``): one place that spells their file names.
+TABLES = {
+    "participants": "participants.csv",
+    "predictions": "predictions.csv",
+    "lambda_calibration": "lambda_calibration.csv",
+    "subject_maps": "subject_maps.csv",
+    "regions": "regions.csv",
+    "effect_reliance": "effect_reliance.csv",
+    "method_comparison": "method_comparison.csv",
+    "deletion_curves": "deletion_curves.csv",
+}
 
 
 class RunDir:
@@ -77,6 +92,39 @@ class RunDir:
     @property
     def figures(self) -> Path:
         return self.subdir("figures")
+
+    # -- named artefacts ------------------------------------------------------------------
+    @property
+    def predictor_checkpoint(self) -> Path:
+        """``checkpoints/predictor.pt``: the trained predictor (step 02)."""
+        return self.checkpoints / "predictor.pt"
+
+    @property
+    def noise_checkpoint(self) -> Path:
+        """``checkpoints/noise_model.pt``: the amortised noise model (step 03)."""
+        return self.checkpoints / "noise_model.pt"
+
+    def subject_map(self, participant_id: str) -> Path:
+        """``maps/<participant_id>_importance.nii.gz``: one subject's importance map."""
+        return self.maps / f"{participant_id}_importance.nii.gz"
+
+    @property
+    def population_map(self) -> Path:
+        """``maps/population_importance.nii.gz``: the population map (step 04)."""
+        return self.maps / POPULATION_FILE
+
+    @property
+    def maps_source(self) -> Path:
+        """``maps/.maps_source.json``: which noise model made the subject maps."""
+        return self.maps / ".maps_source.json"
+
+    def table(self, name: str) -> Path:
+        """``tables/<file>`` of the table ``name`` (a key of :data:`TABLES`)."""
+        if name not in TABLES:
+            raise BrainAgeInputError(
+                f"'name' must be one of {sorted(TABLES)}; {name!r} was provided."
+            )
+        return self.tables / TABLES[name]
 
     # -- configuration --------------------------------------------------------------------
     def load_config(self) -> dict[str, Any]:

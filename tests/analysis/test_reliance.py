@@ -111,7 +111,7 @@ def test_the_map_step_records_reliance_in_the_run(tmp_path: Path) -> None:
     )
     table = average.model_reliance(study, progress=False)
     assert table is not None and (table["n_subjects"] == 2).all()
-    written = pd.read_csv(study.run.tables / maps.RELIANCE_TABLE)
+    written = pd.read_csv(study.run.table("effect_reliance"))
     assert list(written["kind"]) == list(table["kind"])
     reliance = study.run.read_metrics()["reliance"]
     assert reliance["delta_years"] == 5.0 and reliance["n_subjects"] == 2

@@ -29,7 +29,7 @@ def run(setup, lambdas, tolerance):
         val,
         lambdas=lambdas,
         tolerance=tolerance,
-        explainer_kwargs={"mask": data.brain, "channels": 2, "seed": 0},
+        explainer_kwargs={"mask": data.brain, "channels": 2, "seed": 0, "s_max": 1.0},
         fit_kwargs={"epochs": 4, "lr": 1e-2},
         n_draws=4,
         progress=False,
@@ -52,7 +52,7 @@ def test_chosen_lambda_meets_the_tolerance(setup):
     # more lambda, more noise
     assert curve["mean_sigma"].iloc[-1] > curve["mean_sigma"].iloc[0]
     # the returned explainer is the chosen one, and holds its tolerance on fresh noise draws
-    assert result.explainer.lam == result.lam
+    assert result.explainer.noise.lam == result.lam
     fresh = result.explainer.evaluate(val, n_draws=8, seed_offset=7)
     assert fresh["shift"] <= 1.5 * tolerance
     assert result.explainer.attribute(data.images[:1]).shape == data.images[:1].shape
@@ -84,7 +84,7 @@ def test_candidates_start_from_the_same_weights(setup):
     """Without warm start, a candidate equals a noise model trained alone at its lambda."""
     data, predictor, train, val = setup
     result = run(setup, [0.3, 3.0], 1e9)  # every candidate admissible: the largest is kept
-    alone = NoiseMapExplainer(predictor, lam=3.0, mask=data.brain, channels=2, seed=0)
+    alone = NoiseMapExplainer(predictor, lam=3.0, s_max=1.0, mask=data.brain, channels=2, seed=0)
     alone.fit(train, val, epochs=4, lr=1e-2, progress=False)
     for key, value in alone.noise_model.state_dict().items():
         torch.testing.assert_close(result.explainer.noise_model.state_dict()[key], value)

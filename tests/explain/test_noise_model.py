@@ -29,7 +29,7 @@ def data():
 
 def make_explainer(data, **kwargs):
     predictor = RegionPredictor(data.truth)
-    settings = {"mask": data.brain, "lam": 10.0, "channels": 4, "depth": 2, "seed": 0}
+    settings = {"mask": data.brain, "lam": 10.0, "s_max": 1.0, "channels": 4, "depth": 2, "seed": 0}
     settings.update(kwargs)
     return NoiseMapExplainer(predictor, **settings)
 
@@ -64,7 +64,9 @@ def test_fitting_leaves_the_predictor_unchanged(data):
     predictor = RegionPredictor(data.truth)
     predictor.train()
     before = {k: v.clone() for k, v in predictor.state_dict().items()}
-    explainer = NoiseMapExplainer(predictor, mask=data.brain, lam=10.0, channels=2, seed=0)
+    explainer = NoiseMapExplainer(
+        predictor, mask=data.brain, lam=10.0, s_max=1.0, channels=2, seed=0
+    )
     explainer.fit(data.images[:8], epochs=2, batch_size=4, lr=1e-2, progress=False)
     after = predictor.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -143,7 +145,9 @@ def test_validation_history_and_age_target(data):
 
 def test_per_subject_map_ranks_the_planted_region_first(data):
     predictor = RegionPredictor(data.truth)
-    explainer = PerSubjectNoiseMap(predictor, mask=data.brain, lam=10.0, steps=60, seed=0)
+    explainer = PerSubjectNoiseMap(
+        predictor, mask=data.brain, lam=10.0, s_max=1.0, steps=60, seed=0
+    )
     importance = explainer.attribute(data.images[:2])
     assert importance.shape == data.images[:2].shape
     means = region_means(importance, data.atlas.labels)
@@ -173,13 +177,15 @@ def test_maps_config_from_dict_and_errors():
     from brainage_core.study.maps import MapsConfig
 
     config = MapsConfig.from_dict({"epochs": 3, "lam": 2}, seed=5)
-    assert config.epochs == 3 and config.lam == 2.0 and isinstance(config.lam, float)
-    assert config.seed == 5  # the study's seed when the section sets none
-    assert MapsConfig.from_dict({"seed": 1}, seed=5).seed == 1
+    assert config.epochs == 3 and config.noise.lam == 2.0 and isinstance(config.noise.lam, float)
+    assert config.noise.seed == 5  # the study's seed when the section sets none
+    assert MapsConfig.from_dict({"seed": 1}, seed=5).noise.seed == 1
     assert MapsConfig.from_dict(None).to_dict() == MapsConfig().to_dict()
-    kwargs = config.explainer_kwargs()
-    assert kwargs["lam"] == 2.0 and kwargs["seed"] == 5
-    NoiseMapExplainer(RegionPredictor(np.ones((4, 4, 4), bool)), **kwargs)  # accepted as is
+    assert config.to_dict()["lam"] == 2.0  # flat, as in the config file
+    explainer = NoiseMapExplainer(
+        RegionPredictor(np.ones((4, 4, 4), bool)), config.noise, **config.network_kwargs()
+    )
+    assert explainer.noise is config.noise  # one object, passed whole
     with pytest.raises(BrainAgeInputError, match="'epoch'"):
         MapsConfig.from_dict({"epoch": 3})
     with pytest.raises(BrainAgeInputError, match="maps.target"):

@@ -10,6 +10,7 @@ import torch
 from helpers.maps import PLANTED_PATTERN, fit_region_predictor, make_cohort
 
 from brainage_core._utils.validation import BrainAgeInputError
+from brainage_core.analysis.truth import GridTruth
 from brainage_core.study import average, compare, explain, maps
 from brainage_core.study.maps import MapsConfig
 from brainage_core.study.rundir import RunDir
@@ -43,7 +44,7 @@ def cohort(tmp_path_factory):
 def make_study(tmp_path, cohort, **overrides):
     prepared, region = cohort
     settings = MapsConfig.from_dict({**SETTINGS, **overrides})
-    truth = maps.GroundTruth(mask=region & prepared.mask, regions=[PLANTED_PATTERN])
+    truth = GridTruth(mask=region & prepared.mask, regions=[PLANTED_PATTERN])
     return maps.MapsStudy(
         run=RunDir(tmp_path / "run"),
         config={},
@@ -137,13 +138,13 @@ def test_calibrated_lambda_is_kept_and_reused(tmp_path, cohort):
     fit = explain.fit_noise_model(study, progress=False)
     curve = pd.read_csv(study.run.tables / "lambda_calibration.csv")
     assert list(curve["lam"]) == [0.3, 3.0] and curve["chosen"].sum() == 1
-    assert fit.explainer.lam == curve.loc[curve["chosen"], "lam"].iloc[0]
-    assert study.run.read_metrics()["maps"]["noise"]["lam"] == fit.explainer.lam
+    assert fit.explainer.noise.lam == curve.loc[curve["chosen"], "lam"].iloc[0]
+    assert study.run.read_metrics()["maps"]["noise"]["lam"] == fit.explainer.noise.lam
     # a changed config retrains (with a warning) instead of resuming a foreign checkpoint
     other = make_study(tmp_path, cohort, lam=30.0, epochs=1)
     with pytest.warns(UserWarning, match="training a new noise model"):
         refit = explain.fit_noise_model(other, progress=False)
-    assert refit.explainer.lam == 30.0 and refit.explainer.epochs_trained == 1
+    assert refit.explainer.noise.lam == 30.0 and refit.explainer.epochs_trained == 1
 
 
 class CountingExplainer:
@@ -169,12 +170,12 @@ def test_map_extraction_shards_and_resumes(tmp_path, cohort):
         assert counting.n_images == len(part)
         halves.append(set(part["participant_id"]))
     assert not halves[0] & halves[1] and len(halves[0] | halves[1]) == n_test
-    assert not (study.run.tables / maps.SUBJECT_MAPS_TABLE).exists()  # shards write no index
+    assert not (study.run.table("subject_maps")).exists()  # shards write no index
     # Collecting explains nobody again and writes the index of every subject.
     counting = CountingExplainer(fit.explainer)
     index = explain.write_subject_maps(study, counting, progress=False)
     assert counting.n_images == 0 and set(index["participant_id"]) == halves[0] | halves[1]
-    assert len(pd.read_csv(study.run.tables / maps.SUBJECT_MAPS_TABLE)) == n_test
+    assert len(pd.read_csv(study.run.table("subject_maps"))) == n_test
     # A lost or truncated map is made again, and only that one.
     first = study.run.root / index["path"].iloc[0]
     first.write_bytes(b"truncated")

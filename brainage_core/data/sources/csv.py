@@ -15,6 +15,7 @@ from brainage_core.data.manifest import (
     resolve_path,
     to_manifest,
 )
+from brainage_core.data.sources.base import DataSource, SourceRequest
 
 
 def load_csv(path: str | os.PathLike) -> pd.DataFrame:
@@ -54,3 +55,15 @@ def load_csv(path: str | os.PathLike) -> pd.DataFrame:
     manifest = to_manifest(table)
     manifest.attrs["metadata"] = {"source": "csv", "source_root": str(path)}
     return manifest
+
+
+def _manifest(request: SourceRequest) -> pd.DataFrame:
+    return load_csv(request.path)
+
+
+SOURCE = DataSource(
+    name="csv",
+    description="a CSV manifest: participant_id, path, age[, sex, site] (data.path: the file)",
+    needs_path=True,
+    manifest=_manifest,
+)

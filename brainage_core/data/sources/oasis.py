@@ -13,6 +13,7 @@ import pandas as pd
 
 from brainage_core._utils.validation import BrainAgeInputError
 from brainage_core.data.manifest import to_manifest
+from brainage_core.data.sources.base import DataSource, SourceRequest
 
 
 def fetch_oasis(
@@ -105,3 +106,19 @@ def oasis_to_manifest(bunch: Any) -> pd.DataFrame:
     root = str(Path(maps[0]).resolve().parents[1]) if maps else ""
     manifest.attrs["metadata"] = {"source": "oasis", "source_root": root}
     return manifest
+
+
+#: Seconds allowed for the OASIS download in a study run (about 1 GB; instant once there).
+STUDY_TIMEOUT = 1800.0
+
+
+def _manifest(request: SourceRequest) -> pd.DataFrame:
+    return fetch_oasis(data_dir=request.path, timeout=STUDY_TIMEOUT)
+
+
+SOURCE = DataSource(
+    name="oasis",
+    description="nilearn's OASIS VBM fetcher (needs the network; data.path: download folder)",
+    needs_path=False,
+    manifest=_manifest,
+)

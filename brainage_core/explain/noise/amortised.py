@@ -43,6 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from brainage_core._utils.docs import fill_doc
 from brainage_core._utils.io import atomic_path
 from brainage_core._utils.torch import frozen, predict_batch
 from brainage_core._utils.validation import (
@@ -57,56 +58,38 @@ from brainage_core.explain.noise.objective import (
     split_item,
     task_loss,
 )
+from brainage_core.explain.noise.settings import NoiseSettings
 from brainage_core.models.unet import UNet3D
 
 #: Version of the checkpoint layout written by :meth:`NoiseMapExplainer.save`.
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 # -- the amortised explainer -----------------------------------------------------------------
+@fill_doc
 class NoiseMapExplainer(NoiseObjective):
     """Amortised noise-model importance maps (U-Noise for regression).
 
     Parameters
     ----------
-    predictor : torch.nn.Module
-        Trained model mapping images ``(N, 1, X, Y, Z)`` to predictions ``(N,)``. It is
-        frozen (eval mode, no weight gradients) while the noise model trains or explains,
-        and restored afterwards; its weights are never changed.
-    mask : array-like of bool or None, default=None
-        Brain mask on the image grid; noise is applied, and the regulariser averaged,
-        only inside it. None means every voxel.
-    lam : float, default=1.0
-        Weight lambda of ``-mean_brain(log B)``: larger means more noise and sparser maps.
-        Pick it with :func:`brainage_core.calibration.calibrate_lambda`.
-    s_min, s_max : float, default=0.0, 1.0
-        Noise standard deviation at ``B = 0`` and ``B = 1`` in image intensity units.
-    target : {"prediction", "age"}, default="prediction"
-        What the noisy prediction is compared with (see the module docstring; "age" is
-        the paper's).
-    perturbation : str, default="additive"
-        A name in :data:`brainage_core.perturbations.PERTURBATIONS`: "additive" is the
-        paper's noise, "replace_mean" and "replace_blur" move voxels toward a reference
-        image (they remove information instead of adding noise).
-    noise_sd : float, default=0.0
-        Extra Gaussian noise at ``B = 1`` of the replacement perturbations (0: none).
-    blur_sigma : float, default=2.0
-        Blur of "replace_blur", in voxels.
-    loss : {"l1", "l2"}, default="l1"
-        Task loss: ``|f(x~) - t|`` or ``(f(x~) - t)**2``.
-    reference : array-like or None, default=None
-        The training-mean image of "replace_mean" (None: computed in :meth:`fit` from the
-        training data).
+    %(predictor)s
+    settings : NoiseSettings or None, default=None
+        The objective: lambda, noise scale, target and seed
+        (:class:`~brainage_core.explain.noise.settings.NoiseSettings`). None builds it from
+        the keyword arguments ``**noise`` (``lam=3.0`` is shorthand for
+        ``NoiseSettings(lam=3.0)``).
+    %(mask)s
     channels, depth : int, default=8, 2
-        Width and depth of the :class:`~brainage_core.unet.UNet3D` noise model.
+        Width and depth of the :class:`~brainage_core.models.unet.UNet3D` noise model.
     downsample : int, default=1
         Run the U-Net on the image average-pooled by this factor and upsample its logits
         (trilinear) to the full grid: about ``downsample ** 3`` times cheaper, with maps
         smoother at the scale of ``downsample`` voxels.
     init_bias : float, default=0.0
         Initial logit of B (0 gives B = 0.5 everywhere).
-    seed : int, default=0
-        Seeds the noise model's initial weights, the data order and the noise.
+    **noise
+        Fields of :class:`~brainage_core.explain.noise.settings.NoiseSettings`, when
+        ``settings`` is None.
 
     Attributes
     ----------
@@ -117,7 +100,8 @@ class NoiseMapExplainer(NoiseObjective):
 
     Examples
     --------
-    >>> explainer = NoiseMapExplainer(model, mask=cohort.mask, lam=1.0)  # doctest: +SKIP
+    >>> settings = NoiseSettings(lam=1.0)  # doctest: +SKIP
+    >>> explainer = NoiseMapExplainer(model, settings, mask=cohort.mask)
     >>> explainer.fit(train_dataset, checkpoint_path="run/checkpoints/noise_model.pt")
     >>> importance = explainer.attribute(images)   # shaped like images
     """
@@ -125,43 +109,23 @@ class NoiseMapExplainer(NoiseObjective):
     def __init__(
         self,
         predictor: nn.Module,
+        settings: NoiseSettings | None = None,
         *,
         mask: Any = None,
-        lam: float = 1.0,
-        s_min: float = 0.0,
-        s_max: float = 1.0,
-        target: str = "prediction",
-        perturbation: str = "additive",
-        noise_sd: float = 0.0,
-        blur_sigma: float = 2.0,
-        loss: str = "l1",
         reference: Any = None,
         channels: int = 8,
         depth: int = 2,
         downsample: int = 1,
         init_bias: float = 0.0,
-        seed: int = 0,
+        **noise: Any,
     ) -> None:
-        super().__init__(
-            predictor,
-            mask=mask,
-            lam=lam,
-            s_min=s_min,
-            s_max=s_max,
-            target=target,
-            perturbation=perturbation,
-            noise_sd=noise_sd,
-            blur_sigma=blur_sigma,
-            loss=loss,
-            reference=reference,
-            seed=seed,
-        )
+        super().__init__(predictor, settings, mask=mask, reference=reference, **noise)
         self.channels = int(channels)
         self.depth = int(depth)
         self.downsample = int(check_positive("downsample", downsample, integer=True))
         self.init_bias = float(init_bias)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+            torch.manual_seed(self.noise.seed)
             self.noise_model = UNet3D(
                 channels=self.channels, depth=self.depth, init_bias=self.init_bias
             )
@@ -173,19 +137,29 @@ class NoiseMapExplainer(NoiseObjective):
         self._best: tuple[float, int, dict[str, torch.Tensor]] | None = None
 
     # -- settings -------------------------------------------------------------------------
-    def settings(self) -> dict[str, Any]:
-        """The hyper-parameters that define this explainer (stored in checkpoints)."""
+    def network(self) -> dict[str, Any]:
+        """The noise model's architecture (stored in checkpoints beside the settings)."""
         return {
-            "lam": self.lam,
-            **self.perturbation_settings(),
-            "target": self.target,
-            "loss": self.loss,
             "channels": self.channels,
             "depth": self.depth,
             "downsample": self.downsample,
             "init_bias": self.init_bias,
-            "seed": self.seed,
         }
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that defines this explainer: the objective and the network."""
+        return {"noise": self.noise.to_dict(), "network": self.network()}
+
+    def matches(self, stored: Any) -> bool:
+        """Whether a checkpoint's ``settings`` describe this explainer (same objective, as
+        a :class:`NoiseSettings`, and same network)."""
+        if not isinstance(stored, dict) or set(stored) != {"noise", "network"}:
+            return False
+        try:
+            noise = NoiseSettings.from_dict(stored["noise"])
+        except BrainAgeInputError:
+            return False
+        return noise == self.noise and stored["network"] == self.network()
 
     @property
     def history_(self) -> pd.DataFrame:
@@ -265,7 +239,7 @@ class NoiseMapExplainer(NoiseObjective):
                 if val_set is not None:
                     val = self.evaluate(val_set, batch_size=batch_size, seed_offset=epoch)
                     row.update({f"val_{k}": v for k, v in val.items()})
-                    row["val_objective"] = val["task"] + self.lam * val["reg"]
+                    row["val_objective"] = val["task"] + self.noise.lam * val["reg"]
                     if self._best is None or row["val_objective"] <= self._best[0]:
                         self._best = (row["val_objective"], epoch + 1, self._state())
                 row["seconds"] = time.perf_counter() - start
@@ -293,9 +267,9 @@ class NoiseMapExplainer(NoiseObjective):
     ) -> dict[str, float]:
         self.noise_model.train()
         order = torch.Generator().manual_seed(
-            int(np.random.SeedSequence([self.seed, epoch, 0]).generate_state(1)[0])
+            int(np.random.SeedSequence([self.noise.seed, epoch, 0]).generate_state(1)[0])
         )
-        noise = epoch_generator(self.seed, epoch, 1, self.device)
+        noise = epoch_generator(self.noise.seed, epoch, 1, self.device)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=order)
         totals = {"loss": 0.0, "task": 0.0, "reg": 0.0, "mean_b": 0.0}
         count = 0
@@ -305,7 +279,7 @@ class NoiseMapExplainer(NoiseObjective):
             targets = self._targets(x, ages)
             logits = self._logits(x)
             task, reg, b = self._loss(x, logits, targets, noise)
-            loss = task.mean() + self.lam * reg.mean()
+            loss = task.mean() + self.noise.lam * reg.mean()
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -364,8 +338,8 @@ class NoiseMapExplainer(NoiseObjective):
         dict
             ``task``: mean ``|f(x~) - target|``; ``shift``: mean ``|f(x~) - f(x)|``;
             ``clean_mae`` and ``noisy_mae`` against the true age (NaN without ages);
-            ``mean_b``, ``mean_sigma`` (mean noise standard deviation in the brain, for
-            the additive perturbation) and ``reg`` (the regulariser ``-mean log B``).
+            ``mean_b``, ``mean_sigma`` (mean noise standard deviation in the brain, for the
+            additive perturbation) and ``reg`` (the regulariser ``-mean log B``).
         """
         dataset = as_dataset(data)
         was_training = self.noise_model.training
@@ -374,19 +348,19 @@ class NoiseMapExplainer(NoiseObjective):
             ["task", "shift", "clean_mae", "noisy_mae", "mean_b", "mean_sigma", "reg"], 0.0
         )
         count = 0
-        gen = epoch_generator(self.seed, 10_000 + seed_offset, 2, self.device)
+        gen = epoch_generator(self.noise.seed, 10_000 + seed_offset, 2, self.device)
         with frozen(self.predictor):
             for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
                 x, ages = split_item(batch)
                 x, ages = x.to(self.device), ages.to(self.device)
                 clean = predict_batch(self.predictor, x)
-                targets = clean if self.target == "prediction" else self._targets(x, ages)
+                targets = clean if self.noise.target == "prediction" else self._targets(x, ages)
                 logits = self._logits(x)
                 b = torch.sigmoid(logits)
                 mask = self._brain_mask(tuple(x.shape[2:]))
                 for _ in range(n_draws):
                     noisy = predict_batch(self.predictor, self.perturb(x, b, gen))
-                    task = task_loss(noisy - targets, self.loss)
+                    task = task_loss(noisy - targets, self.noise.loss)
                     sums["task"] += float(task.sum()) / n_draws
                     sums["shift"] += float((noisy - clean).abs().sum()) / n_draws
                     sums["noisy_mae"] += float((noisy - ages).abs().sum()) / n_draws
@@ -395,7 +369,8 @@ class NoiseMapExplainer(NoiseObjective):
                 sums["mean_b"] += float(mean_b.sum())
                 reg = -(F.logsigmoid(logits) * mask).flatten(1).sum(1) / mask.sum()
                 sums["reg"] += float(reg.sum())
-                sums["mean_sigma"] += float((self.s_min + mean_b * (self.s_max - self.s_min)).sum())
+                s_min, s_max = self.noise.s_min, self.noise.s_max
+                sums["mean_sigma"] += float((s_min + mean_b * (s_max - s_min)).sum())
                 count += x.shape[0]
         self.noise_model.train(was_training)
         return {k: v / max(count, 1) for k, v in sums.items()}
@@ -449,7 +424,14 @@ class NoiseMapExplainer(NoiseObjective):
             The brain mask used in training.
         """
         state = read_checkpoint(path)
-        explainer = cls(predictor, mask=mask, reference=state.get("reference"), **state["settings"])
+        settings = NoiseSettings.from_dict(state["settings"]["noise"])
+        explainer = cls(
+            predictor,
+            settings,
+            mask=mask,
+            reference=state.get("reference"),
+            **state["settings"]["network"],
+        )
         explainer.noise_model.load_state_dict(state["state_dict"])
         explainer.noise_model.eval()
         explainer.epochs_trained = int(state["epochs_trained"])
@@ -459,7 +441,7 @@ class NoiseMapExplainer(NoiseObjective):
 
     def _load_checkpoint(self, path: str | os.PathLike, optimiser: torch.optim.Optimizer) -> None:
         state = read_checkpoint(path)
-        if state["settings"] != self.settings():
+        if not self.matches(state["settings"]):
             raise BrainAgeInputError(
                 f"checkpoint was trained with settings {state['settings']}, which differ from "
                 f"this explainer's {self.settings()}; delete it or pass resume=False.",
@@ -488,4 +470,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise BrainAgeInputError(f"not a readable noise-model checkpoint ({err})", path) from err
     if not isinstance(state, dict) or state.get("kind") != "noise_model":
         raise BrainAgeInputError("not a noise-model checkpoint", path)
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise BrainAgeInputError(
+            f"noise-model checkpoint of layout version {state.get('version')}; this version "
+            f"reads {CHECKPOINT_VERSION}: train the noise model again",
+            path,
+        )
     return state

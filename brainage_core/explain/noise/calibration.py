@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pandas as pd
@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 from brainage_core._utils.validation import BrainAgeInputError, check_positive
 from brainage_core.explain.noise.amortised import NoiseMapExplainer
 from brainage_core.explain.noise.objective import as_dataset
+from brainage_core.explain.noise.settings import NoiseSettings, resolve_settings
+from brainage_core.explain.noise.settings import field_names as noise_field_names
 
 #: Default candidate values of lambda (a log-spaced grid).
 DEFAULT_LAMBDAS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
@@ -62,6 +64,7 @@ def calibrate_lambda(
     *,
     lambdas: Sequence[float] = DEFAULT_LAMBDAS,
     tolerance: float = 1.0,
+    settings: NoiseSettings | None = None,
     explainer_kwargs: dict[str, Any] | None = None,
     fit_kwargs: dict[str, Any] | None = None,
     n_draws: int = 2,
@@ -82,9 +85,13 @@ def calibrate_lambda(
         Candidate values, tried in increasing order.
     tolerance : float, default=1.0
         Allowed mean shift ``|f(x~) - f(x)|``, in years, on perturbed validation images.
+    settings : NoiseSettings or None, default=None
+        The objective of every candidate, with its ``lam`` replaced by the candidate's;
+        None takes the defaults.
     explainer_kwargs : dict or None, default=None
         Further arguments of :class:`~brainage_core.explain.noise.amortised.NoiseMapExplainer`
-        (``mask``, ``s_min``, ``s_max``, ``target``, ``channels``, ...), not ``lam``.
+        (``mask``, ``channels``, ``depth``, ...; noise settings such as ``s_max`` when
+        ``settings`` is None), not ``lam``.
     fit_kwargs : dict or None, default=None
         Arguments of :meth:`~brainage_core.explain.noise.amortised.NoiseMapExplainer.fit`
         (``epochs``, ``batch_size``, ``lr``).
@@ -112,6 +119,10 @@ def calibrate_lambda(
     explainer_kwargs = dict(explainer_kwargs or {})
     if "lam" in explainer_kwargs:
         raise BrainAgeInputError("'explainer_kwargs' must not set 'lam'; pass 'lambdas'.")
+    noise_kwargs = {
+        k: explainer_kwargs.pop(k) for k in noise_field_names() if k in explainer_kwargs
+    }
+    base = resolve_settings(settings, noise_kwargs)
     fit_kwargs = {"progress": False, **(fit_kwargs or {})}
     val_set = as_dataset(val_data, "val_data")
     train_set = as_dataset(train_data, "train_data")
@@ -120,7 +131,7 @@ def calibrate_lambda(
     references: list[torch.Tensor | None] = []
     previous: dict[str, torch.Tensor] | None = None
     for lam in tqdm(lams, desc="calibrating lambda", disable=None if progress else True):
-        explainer = NoiseMapExplainer(predictor, lam=lam, **explainer_kwargs)
+        explainer = NoiseMapExplainer(predictor, replace(base, lam=lam), **explainer_kwargs)
         if warm_start and previous is not None:
             explainer.noise_model.load_state_dict(previous)
         explainer.fit(train_set, val_set, **fit_kwargs)
@@ -152,7 +163,7 @@ def calibrate_lambda(
         )
     curve["chosen"] = curve.index == best
     chosen = NoiseMapExplainer(
-        predictor, lam=lams[best], reference=references[best], **explainer_kwargs
+        predictor, replace(base, lam=lams[best]), reference=references[best], **explainer_kwargs
     )
     chosen.noise_model.load_state_dict(states[best])
     chosen.noise_model.eval()

@@ -10,24 +10,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
+from brainage_core._utils.docs import fill_doc
 from brainage_core._utils.torch import as_mask, model_device, predict_batch
 from brainage_core._utils.validation import (
     BrainAgeInputError,
-    check_choice,
-    check_positive,
 )
 from brainage_core.explain.noise.perturbations import (
     PerturbationParams,
     get_perturbation,
     mean_image,
 )
-
-#: Accepted values of the ``target`` parameter ("age" is the paper's).
-TARGETS = ("prediction", "age")
-
-#: Accepted values of the ``loss`` parameter: the task loss ``|f(x~) - t|`` ("l1", the
-#: default) or ``(f(x~) - t)**2`` ("l2").
-LOSSES = ("l1", "l2")
+from brainage_core.explain.noise.settings import NoiseSettings, resolve_settings
 
 
 def task_loss(diff: torch.Tensor, loss: str) -> torch.Tensor:
@@ -84,47 +77,47 @@ def epoch_generator(seed: int, epoch: int, stream: int, device: torch.device) ->
     return gen
 
 
+@fill_doc
 class NoiseObjective:
-    """The U-Noise objective shared by the amortised and the per-subject explainers."""
+    """The U-Noise objective shared by the amortised and the per-subject explainers.
+
+    Parameters
+    ----------
+    %(predictor)s
+    settings : NoiseSettings or None, default=None
+        The objective (lambda, noise scale, target, seed). None builds it from the keyword
+        arguments ``**noise`` (``lam=``, ``s_min=``, ``s_max=``, ``target=``, ``seed=``),
+        or takes the defaults.
+    %(mask)s
+    reference : array-like or None, default=None
+        The training-mean image (shaped like one image). "replace_mean" moves voxels
+        toward it; the other perturbations keep it as the reference of deletion and
+        insertion curves. None: computed from the training data by
+        :meth:`set_reference` (the amortised model's ``fit`` does it).
+    """
 
     def __init__(
         self,
         predictor: nn.Module,
+        settings: NoiseSettings | None = None,
         *,
         mask: Any = None,
-        lam: float = 1.0,
-        s_min: float = 0.0,
-        s_max: float = 1.0,
-        target: str = "prediction",
-        perturbation: str = "additive",
-        noise_sd: float = 0.0,
-        blur_sigma: float = 2.0,
-        loss: str = "l1",
         reference: Any = None,
-        seed: int = 0,
+        **noise: Any,
     ) -> None:
         if not isinstance(predictor, nn.Module):
             raise BrainAgeInputError(
                 f"'predictor' must be a torch.nn.Module; {type(predictor).__name__} was provided."
             )
         self.predictor = predictor
-        self.lam = float(check_positive("lam", lam, allow_zero=True))
-        self.s_min = float(check_positive("s_min", s_min, allow_zero=True))
-        self.s_max = float(check_positive("s_max", s_max))
-        if self.s_max < self.s_min:
-            raise BrainAgeInputError(
-                f"'s_max' must be at least 's_min' ({self.s_min}); {s_max!r} was provided."
-            )
-        self.target = check_choice("target", target, TARGETS)
-        self.perturbation = perturbation
-        self._perturb = get_perturbation(perturbation)
-        self.noise_sd = float(check_positive("noise_sd", noise_sd, allow_zero=True))
-        self.blur_sigma = float(check_positive("blur_sigma", blur_sigma))
-        self.loss = check_choice("loss", loss, LOSSES)
+        self.noise = resolve_settings(settings, noise)
+        self._perturb = get_perturbation(self.noise.perturbation)
         self.params = PerturbationParams(
-            s_min=self.s_min, s_max=self.s_max, noise_sd=self.noise_sd, blur_sigma=self.blur_sigma
+            s_min=self.noise.s_min,
+            s_max=self.noise.s_max,
+            noise_sd=self.noise.noise_sd,
+            blur_sigma=self.noise.blur_sigma,
         )
-        self.seed = int(seed)
         self.device = model_device(predictor)
         self._mask_input = mask
         self._mask: torch.Tensor | None = None
@@ -136,41 +129,27 @@ class NoiseObjective:
             .to(self.device)
         )
 
-    def perturbation_settings(self) -> dict[str, Any]:
-        """The settings of the perturbation (the keyword arguments that rebuild it)."""
-        return {
-            "perturbation": self.perturbation,
-            "s_min": self.s_min,
-            "s_max": self.s_max,
-            "noise_sd": self.noise_sd,
-            "blur_sigma": self.blur_sigma,
-        }
-
     def set_reference(self, data: Any) -> None:
-        """Compute the training-mean image from ``data`` (unless one is set).
-
-        "replace_mean" moves voxels toward it; for the other perturbations it is kept as
-        the reference of deletion and insertion curves.
-        """
+        """Compute the training-mean image from ``data`` (unless one is set)."""
         if self.reference is None:
             self.reference = mean_image(as_dataset(data)).to(self.device)
 
     def perturb(
         self, x: torch.Tensor, b: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Apply this objective's perturbation with noise levels ``b`` inside the brain."""
+        """Apply the settings' perturbation with noise levels ``b`` inside the brain."""
         mask = self._brain_mask(tuple(x.shape[2:]))
         return self._perturb(x, b, mask, self.reference, self.params, generator)
 
     def reference_image(self, x: torch.Tensor) -> torch.Tensor:
-        """What ``B = 1`` moves ``x`` toward (the noise-free replacement; ``x`` for additive).
+        """What ``B = 1`` moves ``x`` toward (noise-free; ``x`` itself for additive noise).
 
         Deletion and insertion curves replace voxels by this image.
         """
         mask = self._brain_mask(tuple(x.shape[2:]))
-        if self.perturbation == "additive":
+        if self.noise.perturbation == "additive":
             return x
-        params = PerturbationParams(noise_sd=0.0, blur_sigma=self.blur_sigma)
+        params = PerturbationParams(noise_sd=0.0, blur_sigma=self.noise.blur_sigma)
         return self._perturb(x, torch.ones_like(x), mask, self.reference, params, None)
 
     def _brain_mask(self, shape: tuple[int, ...]) -> torch.Tensor:
@@ -179,7 +158,7 @@ class NoiseObjective:
         return self._mask
 
     def _targets(self, x: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
-        if self.target == "prediction":
+        if self.noise.target == "prediction":
             with torch.no_grad():
                 return predict_batch(self.predictor, x)
         if torch.isnan(ages).any():
@@ -200,7 +179,7 @@ class NoiseObjective:
         mask = self._brain_mask(tuple(x.shape[2:]))
         b = torch.sigmoid(logits)
         x_noisy = self.perturb(x, b, generator)
-        task = task_loss(predict_batch(self.predictor, x_noisy) - targets, self.loss)
+        task = task_loss(predict_batch(self.predictor, x_noisy) - targets, self.noise.loss)
         log_b = F.logsigmoid(logits)
         reg = -(log_b * mask).flatten(1).sum(1) / mask.sum()
         return task, reg, b

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from brainage_core._utils.docs import fill_doc
 from brainage_core._utils.torch import frozen
 from brainage_core._utils.validation import (
     BrainAgeInputError,
@@ -18,9 +19,11 @@ from brainage_core._utils.validation import (
     check_positive,
 )
 from brainage_core.explain.noise.objective import NoiseObjective, check_inputs, epoch_generator
+from brainage_core.explain.noise.settings import NoiseSettings
 
 
 # -- the per-subject explainer ----------------------------------------------------------------
+@fill_doc
 class PerSubjectNoiseMap(NoiseObjective):
     """Noise maps optimised directly for each image (meaningful-perturbation style).
 
@@ -46,10 +49,13 @@ class PerSubjectNoiseMap(NoiseObjective):
 
     Parameters
     ----------
-    predictor : torch.nn.Module
-        Model mapping ``(N, 1, X, Y, Z)`` to ``(N,)``; frozen while explaining.
-    mask, lam, s_min, s_max, target, perturbation, noise_sd, blur_sigma, loss, reference, seed
-        As for :class:`NoiseMapExplainer` (``reference`` is required by "replace_mean").
+    %(predictor)s
+    settings : NoiseSettings or None, default=None
+        The objective, the same object as the amortised model's (None: from ``**noise``).
+    %(mask)s
+    reference : array-like or None, default=None
+        The training-mean image (required by "replace_mean"; see
+        :class:`~brainage_core.explain.noise.objective.NoiseObjective`).
     steps : int, default=100
         Most optimisation steps per image.
     lr : float, default=0.1
@@ -70,21 +76,17 @@ class PerSubjectNoiseMap(NoiseObjective):
         counts as converged.
     patience : int or None, default=20
         Steps without such an improvement before stopping (None: always run ``steps``).
+    **noise
+        Fields of :class:`~brainage_core.explain.noise.settings.NoiseSettings`, when
+        ``settings`` is None.
     """
 
     def __init__(
         self,
         predictor: nn.Module,
+        settings: NoiseSettings | None = None,
         *,
         mask: Any = None,
-        lam: float = 1.0,
-        s_min: float = 0.0,
-        s_max: float = 1.0,
-        target: str = "prediction",
-        perturbation: str = "additive",
-        noise_sd: float = 0.0,
-        blur_sigma: float = 2.0,
-        loss: str = "l1",
         reference: Any = None,
         steps: int = 100,
         lr: float = 0.1,
@@ -95,22 +97,9 @@ class PerSubjectNoiseMap(NoiseObjective):
         area_weight: float = 100.0,
         tol: float = 0.01,
         patience: int | None = 20,
-        seed: int = 0,
+        **noise: Any,
     ) -> None:
-        super().__init__(
-            predictor,
-            mask=mask,
-            lam=lam,
-            s_min=s_min,
-            s_max=s_max,
-            target=target,
-            perturbation=perturbation,
-            noise_sd=noise_sd,
-            blur_sigma=blur_sigma,
-            loss=loss,
-            reference=reference,
-            seed=seed,
-        )
+        super().__init__(predictor, settings, mask=mask, reference=reference, **noise)
         self.steps = int(check_positive("steps", steps, integer=True))
         self.lr = float(check_positive("lr", lr))
         self.init_logit = float(init_logit)
@@ -141,7 +130,12 @@ class PerSubjectNoiseMap(NoiseObjective):
         return F.interpolate(params, size=shape, mode="trilinear", align_corners=False)
 
     def attribute(
-        self, inputs: torch.Tensor, ages: torch.Tensor | None = None, *, progress: bool = False
+        self,
+        inputs: torch.Tensor,
+        ages: torch.Tensor | None = None,
+        *,
+        batch_size: int | None = None,
+        progress: bool = False,
     ) -> torch.Tensor:
         """Optimise one map per image and return the importance ``1 - B``.
 
@@ -152,6 +146,8 @@ class PerSubjectNoiseMap(NoiseObjective):
             and Adam acts per element); the stopping rule watches their summed objective.
         ages : torch.Tensor of shape (N,) or None, default=None
             True ages; required when ``target="age"``.
+        batch_size : int or None, default=None
+            Images optimised together (bounds the memory); None optimises all at once.
         progress : bool, default=False
             Show a tqdm progress bar over the optimisation steps.
 
@@ -162,6 +158,17 @@ class PerSubjectNoiseMap(NoiseObjective):
         """
         x = check_inputs(inputs).to(self.device)
         n = x.shape[0]
+        if batch_size is not None and n > check_positive("batch_size", batch_size, integer=True):
+            ages_list = [None] * n if ages is None else torch.as_tensor(ages).reshape(-1)
+            parts = [
+                self.attribute(
+                    x[i : i + batch_size],
+                    None if ages is None else ages_list[i : i + batch_size],
+                    progress=progress,
+                )
+                for i in range(0, n, batch_size)
+            ]
+            return torch.cat(parts).to(torch.as_tensor(inputs).device).reshape(inputs.shape)
         ages_t = (
             torch.full((n,), float("nan"))
             if ages is None
@@ -177,7 +184,7 @@ class PerSubjectNoiseMap(NoiseObjective):
             start = float(np.log(self.mean_b / (1.0 - self.mean_b)))
         params = torch.full((n, 1, *coarse_shape), start, device=self.device, requires_grad=True)
         optimiser = torch.optim.Adam([params], lr=self.lr)
-        gen = epoch_generator(self.seed, 0, 3, self.device)
+        gen = epoch_generator(self.noise.seed, 0, 3, self.device)
         self._history = []
         best, since_best = float("inf"), 0
         with frozen(self.predictor):
@@ -187,12 +194,12 @@ class PerSubjectNoiseMap(NoiseObjective):
             )
             for step in bar:
                 if self.fixed_noise:
-                    gen = epoch_generator(self.seed, 0, 3, self.device)
+                    gen = epoch_generator(self.noise.seed, 0, 3, self.device)
                 logits = self._full_logits(params, grid)
                 task, reg, b = self._loss(x, logits, targets, gen)
                 mean_b = (b * mask).flatten(1).sum(1) / mask.sum()
                 if self.mean_b is None:
-                    penalty = self.lam * reg
+                    penalty = self.noise.lam * reg
                 else:
                     penalty = self.area_weight * (mean_b - self.mean_b).square()
                 loss = (task + penalty).sum()
