@@ -32,6 +32,9 @@ docdict: dict[str, str] = {
     None means every voxel.""",
     "progress": """progress : bool, default=True
     Show a tqdm progress bar (quiet when ``TQDM_DISABLE=1``, as in CI).""",
+    "bench_args": """args : argparse.Namespace, list of str or None, default=None
+    A namespace from ``brainage-study bench`` (its ``extra`` list holds this
+    benchmark's arguments), a list of command-line strings, or None for defaults.""",
     "output_file": """output_file : str or os.PathLike or None, default=None
     Also save the figure there (written atomically). None only returns it.""",
 }

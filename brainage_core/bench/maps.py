@@ -37,6 +37,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from brainage_core._utils.docs import fill_doc
 from brainage_core._utils.io import write_table
 from brainage_core.study import average, compare, explain, maps
 from brainage_core.study.config import load_config
@@ -120,14 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@fill_doc
 def run(args: Any = None) -> dict[str, Any]:
     """Run the benchmark, print its figures and return them.
 
     Parameters
     ----------
-    args : argparse.Namespace, list of str or None, default=None
-        A namespace from ``brainage-study bench`` (its ``extra`` list holds this
-        benchmark's arguments), a list of command-line strings, or None for defaults.
+    %(bench_args)s
 
     Returns
     -------

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from brainage_core._utils.docs import fill_doc
 from brainage_core.data.cohort import load_cohort
 from brainage_core.data.datasets import CohortDataset
 from brainage_core.data.protocol import Cohort
@@ -68,14 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@fill_doc
 def run(args: Any = None) -> dict[str, Any]:
     """Run the benchmark, print its figures and return them.
 
     Parameters
     ----------
-    args : argparse.Namespace, list of str or None, default=None
-        A namespace from ``brainage-study bench`` (its ``extra`` list holds this
-        benchmark's arguments), a list of command-line strings, or None for defaults.
+    %(bench_args)s
 
     Returns
     -------

@@ -15,7 +15,7 @@ from brainage_core.data.manifest import (
     read_table,
     to_manifest,
 )
-from brainage_core.data.sources.base import DataSource, SourceRequest
+from brainage_core.data.sources.base import DataSource
 
 #: File patterns of T1-weighted images inside ``sub-*/[ses-*/]anat``.
 _T1W_PATTERNS = ("*_T1w.nii.gz", "*_T1w.nii")
@@ -133,13 +133,9 @@ def _find_t1w(root: Path) -> list[Path]:
     return sorted(set(found))
 
 
-def _manifest(request: SourceRequest) -> pd.DataFrame:
-    return load_bids(request.path)
-
-
 SOURCE = DataSource(
     name="bids",
     description="a BIDS folder with participants.tsv (data.path: its root)",
     needs_path=True,
-    manifest=_manifest,
+    manifest=lambda request: load_bids(request.path),
 )

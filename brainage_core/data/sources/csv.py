@@ -15,7 +15,7 @@ from brainage_core.data.manifest import (
     resolve_path,
     to_manifest,
 )
-from brainage_core.data.sources.base import DataSource, SourceRequest
+from brainage_core.data.sources.base import DataSource
 
 
 def load_csv(path: str | os.PathLike) -> pd.DataFrame:
@@ -57,13 +57,9 @@ def load_csv(path: str | os.PathLike) -> pd.DataFrame:
     return manifest
 
 
-def _manifest(request: SourceRequest) -> pd.DataFrame:
-    return load_csv(request.path)
-
-
 SOURCE = DataSource(
     name="csv",
     description="a CSV manifest: participant_id, path, age[, sex, site] (data.path: the file)",
     needs_path=True,
-    manifest=_manifest,
+    manifest=lambda request: load_csv(request.path),
 )
