@@ -30,7 +30,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install $(PIP_QUIET) "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/python -m pip install $(PIP_QUIET) -e ".[test,book]" 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/python -c "import torch; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
-	$(BIN)/python -c "import brainage_core, nilearn, captum, papermill, jupyter_book"
+	$(BIN)/python -c "import brainage_core, nilearn, captum, papermill, jupyter_book, bids"
+	@command -v npm >/dev/null || echo "warning: npm not found: the book is built without its NiiVue viewer (apt-get install -y npm)"
 	@touch $@
 
 test: setup

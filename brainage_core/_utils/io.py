@@ -2,7 +2,10 @@
 
 Every writer goes through :func:`atomic_path`: the content is written to a temporary file
 in the destination folder and moved into place with :func:`os.replace`, which is atomic on
-POSIX file systems. An interrupted run leaves either the old file or the new one.
+POSIX file systems. An interrupted run leaves either the old file or the new one, and at
+worst a hidden temporary file (``.<name>.<random>.tmp<suffix>``) that
+:func:`remove_temporary_files` recognises. Written files get the mode the user's umask
+gives a new file (0644 under the usual umask 022), like their neighbours.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,10 +41,49 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, new_file_mode())  # mkstemp makes 0600; match the neighbours
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+#: Names of the temporary files of :func:`atomic_path`.
+_TEMPORARY_NAME = re.compile(r"^\..+\.tmp(\.[A-Za-z0-9]+)*$")
+
+
+def is_temporary_file(path: str | os.PathLike) -> bool:
+    """True if ``path`` is named like a temporary file of :func:`atomic_path`."""
+    return bool(_TEMPORARY_NAME.match(Path(path).name))
+
+
+def remove_temporary_files(folder: str | os.PathLike) -> int:
+    """Remove the temporary files an interrupted writer left under ``folder``.
+
+    Returns
+    -------
+    int
+        How many were removed.
+    """
+    removed = 0
+    for path in Path(folder).rglob(".*.tmp*"):
+        if path.is_file() and is_temporary_file(path):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the current umask (0o666 & ~umask)."""
+    mask = None
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                mask = int(line.split()[1], 8)
+    if mask is None:  # no /proc: read it by setting it (not thread-safe, but brief)
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -84,13 +127,29 @@ def read_yaml_mapping(path: str | os.PathLike, *, what: str) -> dict[str, Any]:
     Raises
     ------
     BrainAgeInputError
-        The file is missing, is not valid YAML, or holds something else than a mapping.
+        The file is missing, is a folder, is not a readable text file, is not valid YAML,
+        or holds something else than a mapping.
     """
     path = Path(path)
+    if path.is_dir():
+        raise BrainAgeInputError("this is a folder; a config file (YAML) was expected", path)
     if not path.is_file():
         raise BrainAgeInputError("config file does not exist", path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise BrainAgeInputError(
+            f"not a text file (byte {err.start} is not UTF-8); a YAML config file was expected",
+            path,
+        ) from err
+    except OSError as err:
+        raise BrainAgeInputError(f"cannot read the config file: {err.strerror}", path) from err
+    if "\x00" in text:
+        raise BrainAgeInputError(
+            "not a text file (it holds NUL bytes); a YAML config file was expected", path
+        )
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise BrainAgeInputError(f"not valid YAML: {err}", path) from err
     if data is None:
@@ -100,6 +159,46 @@ def read_yaml_mapping(path: str | os.PathLike, *, what: str) -> dict[str, Any]:
             f"must hold a mapping of {what}; a {type(data).__name__} was found", path
         )
     return data
+
+
+def check_output_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Check that ``path`` is, or can become, a folder this process can write in.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The folder (it need not exist yet).
+    what : str, default="output folder"
+        How the error names it (e.g. "--run-dir").
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    BrainAgeInputError
+        ``path`` or one of its parents is a file, or the nearest existing folder is not
+        writable (read-only file system or permissions).
+    """
+    path = Path(path).expanduser()
+    probe = path
+    while not probe.exists():
+        if probe.is_symlink():
+            raise BrainAgeInputError(f"{what}: a broken symbolic link", probe)
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        where = "is a file" if probe == path else f"cannot be created: {probe} is a file"
+        raise BrainAgeInputError(f"{what} {where}, not a folder", path)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise BrainAgeInputError(
+            f"{what} is not writable: permission denied or read-only file system in {probe}",
+            path,
+        )
+    return path
 
 
 def _json_default(obj: Any) -> Any:

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import pandas as pd
 
+from brainage_core._utils.io import check_output_folder
 from brainage_core._utils.validation import check_positive
 from brainage_core.data.cache import prepare_cohort
+from brainage_core.data.manifest import AGE_RANGE, ON_ERROR_CHOICES, check_age_range
 from brainage_core.data.sources.bids import load_bids
 from brainage_core.data.sources.csv import load_csv
 from brainage_core.data.sources.oasis import fetch_oasis
 from brainage_core.data.template import SUPPORTED_RESOLUTIONS
+
+#: The library's spellings in error hints, as this command spells them.
+SPELLING = {
+    "on_error='skip'": "--on-error skip",
+    "age_range=(low, high)": "--age-range LOW HIGH",
+}
 
 DESCRIPTION = """\
 Read a data source into a manifest (participant, image path, age, sex, site), run every
@@ -32,6 +41,10 @@ examples:
 
 A CSV manifest needs the columns participant_id, path (absolute, or relative to the CSV's
 folder) and age; sex, site and any other column are kept.
+
+A killed or interrupted prepare leaves no worker behind and resumes where it stopped.
+Two prepares of the same data share the work: the second waits for the first (or, with
+--no-wait, stops at once naming it).
 """
 
 
@@ -64,6 +77,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="download the OASIS-1 VBM grey-matter maps with nilearn (needs network)",
     )
     parser.add_argument(
+        "--session",
+        default="first",
+        help="BIDS sessions that enter: first (default), last, all (one row per session, "
+        "split by subject) or a session label",
+    )
+    parser.add_argument(
+        "--run",
+        default="first",
+        help="BIDS runs of a session that enter: first (default), last, all or a run index",
+    )
+    parser.add_argument(
         "--out",
         metavar="CACHE_DIR",
         required=True,
@@ -78,10 +102,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "--on-error",
-        choices=("raise", "skip"),
+        choices=ON_ERROR_CHOICES,
         default="raise",
         help="bad participant (unreadable image, missing age, ...): 'raise' stops with an "
         "error naming it; 'skip' leaves it out and lists it in skipped.tsv (default: raise)",
+    )
+    parser.add_argument(
+        "--age-range",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=AGE_RANGE,
+        help="plausible ages in years; an age outside is a bad participant (default: "
+        f"{AGE_RANGE[0]:g} {AGE_RANGE[1]:g})",
     )
     parser.add_argument(
         "--split-fractions",
@@ -119,8 +152,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=600.0,
         help="with --oasis: seconds to wait for the download (default: 600)",
     )
+    parser.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="if another process is preparing the same cache, stop at once (naming it) "
+        "instead of waiting for it",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, spelling=SPELLING)
     return parser
 
 
@@ -129,8 +168,16 @@ def run(args: argparse.Namespace) -> int:
     check_positive("--n-jobs", args.n_jobs, integer=True)
     if args.n_subjects is not None:
         check_positive("--n-subjects", args.n_subjects, integer=True)
+    check_age_range(list(args.age_range), "--age-range")
+    check_output_folder(args.out, "--out")
     if args.bids:
-        manifest = load_bids(args.bids)
+        manifest = load_bids(args.bids, session=args.session, run=args.run,
+                             database_dir=Path(args.out) / "bids_index", validate=True)
+        found = manifest.attrs["metadata"]["bids_validation"]
+        print(f"BIDS validation ({found['tool']}): {found['n_errors']} error(s), "
+              f"{found['n_warnings']} warning(s)")
+        for issue in found["issues"]:
+            print(f"  {issue}")
     elif args.csv:
         manifest = load_csv(args.csv)
     else:
@@ -150,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         n_jobs=args.n_jobs,
         progress=not args.no_progress,
+        age_range=tuple(args.age_range),
+        wait=not args.no_wait,
     )
     counts = cohort.table["split"].value_counts()
     print(f"prepared cohort: {cohort.root}")

@@ -8,7 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+from brainage_core._utils.io import check_output_folder
 from brainage_core.study.config import PRESETS, load_config, run_name
+
+#: The library's spellings in error hints, as this command spells them.
+SPELLING = {
+    "on_error='skip'": "-p data.on_error skip",
+    "age_range=(low, high)": "-p data.age_range '[LOW, HIGH]'",
+}
 
 DESCRIPTION = """\
 Run the whole study: the notebooks notebooks/NN_step.ipynb (01_data, 02_train,
@@ -23,6 +30,11 @@ runs/<name> then links to the latest of them.
 Re-running the same command skips the steps whose notebook, configuration and code have
 not changed; a failing cell stops the run and names the notebook and the cell, and the
 partially executed notebook is kept in RUN_DIR/notebooks/ for inspection.
+
+One run folder serves one command at a time: a second run on the same folder waits for
+the first (then skips what it did) or, with --no-wait, stops at once naming it. Ctrl-C
+stops with status 130 and records the step as interrupted; a killed run leaves nothing
+that blocks the next one, which resumes.
 """
 
 EPILOG = """\
@@ -88,7 +100,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--dry-run", action="store_true",
         help="print the resolved configuration and the run folder, run nothing",
     )
-    parser.set_defaults(func=main)
+    parser.add_argument(
+        "--no-wait", action="store_true",
+        help="if another command uses the run folder (or prepares the same cache), stop at "
+             "once naming it instead of waiting for it",
+    )
+    parser.set_defaults(func=main, spelling=SPELLING)
     return parser
 
 
@@ -98,7 +115,14 @@ def main(args: argparse.Namespace) -> int:
     from brainage_core.study.config import dump_config
 
     config = load_config(args.preset, args.config, [tuple(p) for p in args.params])
+    if args.run_dir is not None:
+        check_output_folder(args.run_dir, "--run-dir")
+    else:
+        check_output_folder(args.runs_root, "--runs-root")
     run_dir = args.run_dir or os.path.join(args.runs_root, run_name(config))
+    cache_dir = (config.get("data") or {}).get("cache_dir")
+    if cache_dir:
+        check_output_folder(cache_dir, "data.cache_dir")
     if args.dry_run:
         print(f"# run folder: {run_dir}")
         print(dump_config(config), end="")
@@ -111,9 +135,13 @@ def main(args: argparse.Namespace) -> int:
             notebook_dir=args.notebooks or NOTEBOOK_DIR,
             force=args.force,
             progress=sys.stderr.isatty(),
+            wait=not args.no_wait,
         )
     except StepFailed as err:
-        print(f"brainage-study run: error: {err}", file=sys.stderr)
+        message = str(err)
+        for python, cli in SPELLING.items():
+            message = message.replace(python, cli)
+        print(f"brainage-study run: error: {message}", file=sys.stderr)
         return 1
     if args.run_dir is None:
         _link_latest(args.runs_root, config["name"], result.run_dir)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from brainage_core._utils.io import read_yaml_mapping
+from brainage_core._utils.io import check_output_folder, read_yaml_mapping
 from brainage_core._utils.validation import check_positive
 from brainage_core.data.template import SUPPORTED_RESOLUTIONS
 
@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         check_positive("--n", args.n, integer=True)
     out = Path(args.out)
     config = SynthConfig.from_dict(synth_settings(args))
+    check_output_folder(out, "--out")
     root = generate_cohort(config, out, n_jobs=args.n_jobs, progress=not args.no_progress)
     description = Path(root) / "dataset_description.json"
     oracle = None

@@ -14,24 +14,29 @@ Layout of ``cache_dir``::
         skipped.tsv         participants left out (on_error="skip") with the reason
         mask.npy            brain mask of the grid (bool)
         metadata.json       format version, key, grid, affine, parameters, source
-    <key>.partial/          work in progress: images.npy + done.tsv (resumable)
-    <key>.lock              serialises concurrent preparations of the same key
+    <key>.partial/          work in progress: images.npy, done.tsv, partial.json (resumable)
+    <key>.lock              serialises concurrent preparations of the same key; records
+                            its holder (see :mod:`brainage_core._utils.locks`)
 
 ``key`` is a hash of the manifest's contents (every column, plus the size and
 modification time of each image file), the parameters and :data:`CACHE_FORMAT_VERSION`.
 The work happens in ``<key>.partial/`` and is moved to ``<key>/`` by :func:`os.replace`
 only once complete, so an interrupted preparation leaves nothing a later run trusts; a
 later run with the same inputs resumes from the subjects recorded in ``done.tsv``.
+
+Reliability: a killed preparation (SIGKILL included) leaves no worker behind and no lock
+that blocks the next one (:mod:`brainage_core._utils.workers`, :mod:`brainage_core._utils.locks`);
+the next run resumes and publishes a cache identical to an uninterrupted one. Files left
+half-written by the kill (temporary files, a half-compacted array) are removed before
+anything is published, and an unfinished ``.partial`` of the same source and grid whose
+inputs have changed since (a fixed image, an edited table) is removed with a notice.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
-import fcntl
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 import sys
@@ -46,8 +51,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from brainage_core._utils.io import write_json, write_table
+from brainage_core._utils.locks import LockBusy, file_lock
 from brainage_core._utils.validation import BrainAgeInputError, check_choice, check_positive
-from brainage_core.data.manifest import ON_ERROR_CHOICES, validate_manifest
+from brainage_core._utils.workers import process_pool
+from brainage_core.data.manifest import AGE_RANGE, ON_ERROR_CHOICES, skip_hint, validate_manifest
 from brainage_core.data.preprocess import PREPROCESSING, preprocess_image
 from brainage_core.data.splits import SPLITS, check_split_fractions, make_splits
 from brainage_core.data.template import SUPPORTED_RESOLUTIONS, Template, load_template
@@ -62,6 +69,19 @@ MIN_IMAGES_FOR_WORKERS = 8
 FLUSH_EVERY = 32
 
 _SKIPPED_COLUMNS = ["participant_id", "path", "reason"]
+
+#: Files of an unfinished ``<key>.partial/`` that a resumed preparation keeps; anything
+#: else there was left half-written by an interruption and is removed.
+_PARTIAL_FILES = ("images.npy", "done.tsv", "partial.json")
+
+__all__ = [
+    "CACHE_FORMAT_VERSION",
+    "ImageFileWriter",
+    "PreparedCohort",
+    "cache_key",
+    "file_lock",
+    "prepare_cohort",
+]
 
 
 class PreparedCohort:
@@ -243,6 +263,8 @@ def prepare_cohort(
     n_jobs: int = 2,
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
+    age_range: Sequence[float] = AGE_RANGE,
+    wait: bool | None = None,
 ) -> PreparedCohort:
     """Preprocess every image of a manifest into an on-disk cache (or reuse it).
 
@@ -269,6 +291,13 @@ def prepare_cohort(
     metadata : dict or None, default=None
         Extra metadata stored with the cache; merged over the manifest's own
         ``attrs["metadata"]`` (source, source_root, oracle_mae).
+    age_range : (float, float), default=(0, 120)
+        Plausible ages in years; an age outside is a bad participant (see
+        :func:`~brainage_core.data.manifest.validate_manifest`).
+    wait : bool or None, default=None
+        When another process prepares the same cache: wait for it (True) or raise
+        :class:`~brainage_core._utils.locks.LockBusy` naming it (False); None waits unless
+        the environment variable ``BRAINAGE_LOCK_WAIT`` is ``"0"`` (``--no-wait``).
 
     Returns
     -------
@@ -285,7 +314,7 @@ def prepare_cohort(
     source_meta = dict(getattr(manifest, "attrs", {}).get("metadata", {}))
     source_meta.update(metadata or {})
     source = str(source_meta.get("source_root") or source_meta.get("source") or "manifest")
-    clean = validate_manifest(manifest, source, on_error=on_error)
+    clean = validate_manifest(manifest, source, on_error=on_error, age_range=age_range)
     if len(clean) == 0:
         raise BrainAgeInputError("no usable participant in the manifest", source)
     manifest_skipped = clean.attrs["skipped"]
@@ -306,16 +335,60 @@ def prepare_cohort(
         return PreparedCohort.open(final)
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with file_lock(cache_dir / f"{key}.lock"):
+    with file_lock(cache_dir / f"{key}.lock", wait=wait, what="this cache entry"):
         if (final / "metadata.json").is_file():  # another process finished it meanwhile
             return PreparedCohort.open(final)
         partial = cache_dir / f"{key}.partial"
+        _remove_superseded_partials(cache_dir, key, params)
         template = load_template(resolution)
         records = _compute_images(
-            clean, partial, template, on_error=on_error, n_jobs=n_jobs, progress=progress
+            clean,
+            partial,
+            template,
+            params=params,
+            on_error=on_error,
+            n_jobs=n_jobs,
+            progress=progress,
         )
         _publish(clean, manifest_skipped, records, partial, final, template, params, key)
     return PreparedCohort.open(final)
+
+
+def _remove_superseded_partials(cache_dir: Path, key: str, params: dict[str, Any]) -> None:
+    """Remove the unfinished caches of the same source and grid but other inputs.
+
+    A preparation that stopped (an error, a kill) and whose inputs then changed (a fixed
+    image, an edited table) can never be resumed: its key is gone. Partials of other
+    sources or grids are left alone (they may still be resumed), and so is one that
+    another process is working on.
+    """
+    if not params["source"].get("source_root"):
+        return  # a manifest built by hand: nothing tells its partials apart
+    for other in sorted(cache_dir.glob("*.partial")):
+        if other.name == f"{key}.partial" or not other.is_dir():
+            continue
+        try:
+            info = json.loads((other / "partial.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # not ours, or from an older version: leave it
+        if not isinstance(info, dict) or (
+            info.get("source_root"),
+            info.get("resolution"),
+        ) != (params["source"].get("source_root"), params["resolution"]):
+            continue
+        other_key = other.name[: -len(".partial")]
+        try:
+            with file_lock(cache_dir / f"{other_key}.lock", wait=False, notice=lambda _: None):
+                size = sum(f.stat().st_size for f in other.rglob("*") if f.is_file())
+                shutil.rmtree(other)
+                (cache_dir / f"{other_key}.lock").unlink(missing_ok=True)
+        except LockBusy:
+            continue
+        print(
+            f"note: removed {other} ({size / 1e6:.1f} MB): an unfinished preparation of the "
+            "same source and grid whose inputs have changed since",
+            file=sys.stderr,
+        )
 
 
 def cache_key(manifest: pd.DataFrame, skipped: pd.DataFrame, params: dict[str, Any]) -> str:
@@ -341,6 +414,7 @@ def _compute_images(
     partial: Path,
     template: Template,
     *,
+    params: dict[str, Any],
     on_error: str,
     n_jobs: int,
     progress: bool,
@@ -349,6 +423,15 @@ def _compute_images(
     n = len(manifest)
     shape = (n, *template.shape)
     partial.mkdir(parents=True, exist_ok=True)
+    _clean_partial(partial)
+    if not (partial / "partial.json").is_file():
+        write_json(
+            partial / "partial.json",
+            {
+                "source_root": params["source"].get("source_root"),
+                "resolution": params["resolution"],
+            },
+        )
     images_path = partial / "images.npy"
     done_path = partial / "done.tsv"
     writer = ImageFileWriter.resume(images_path, shape)
@@ -388,9 +471,7 @@ def _compute_images(
                 reason, where = error
                 if on_error == "raise":
                     raise BrainAgeInputError(
-                        f"participant {ids[i]!r}: {reason} (use on_error='skip' to skip "
-                        "such participants)",
-                        where,
+                        f"participant {ids[i]!r}: {reason} ({skip_hint()})", where
                     )
                 pending.append((i, reason))
             else:
@@ -416,12 +497,11 @@ def _iter_results(
             yield _prepare_one(i, paths[i], resolution)
         return
     # fork (Linux) starts workers at once, shares the loaded template and, unlike spawn,
-    # works from scripts without an ``if __name__ == "__main__"`` guard.
-    method = "fork" if sys.platform.startswith("linux") else "spawn"
-    context = multiprocessing.get_context(method)
+    # works from scripts without an ``if __name__ == "__main__"`` guard. The workers die
+    # with this process and never hold the cache's lock (see _utils.workers).
     window = 2 * n_jobs + 2
     queue = iter(todo)
-    with cf.ProcessPoolExecutor(max_workers=min(n_jobs, len(todo)), mp_context=context) as ex:
+    with process_pool(min(n_jobs, len(todo))) as ex:
         running: set[cf.Future] = set()
         try:
             for i in queue:
@@ -497,7 +577,9 @@ def _publish(
         os.replace(compact_path, images_path)
 
     table = manifest.loc[ok].reset_index(drop=True).copy()
-    table["split"] = make_splits(table["age"].to_numpy(), params["split_fractions"], params["seed"])
+    # rows of one subject (sessions, runs) share a split
+    table["split"] = make_splits(table["age"].to_numpy(), params["split_fractions"],
+                                 params["seed"], groups=table["participant_id"].to_numpy())
     write_table(partial / "table.tsv", table)
     write_table(partial / "skipped.tsv", skipped)
     np.save(partial / "mask.npy", np.asarray(template.mask, dtype=bool))
@@ -521,6 +603,9 @@ def _publish(
         "seed": params["seed"],
     }
     write_json(partial / "metadata.json", metadata)
+    (partial / "partial.json").unlink(missing_ok=True)
+    _clean_partial(partial, keep=("images.npy", "table.tsv", "skipped.tsv", "mask.npy",
+                                  "metadata.json"))
     if final.exists():  # a stale, incomplete folder (no metadata.json): replace it
         shutil.rmtree(final)
     os.replace(partial, final)
@@ -598,6 +683,17 @@ class ImageFileWriter:
 
 
 # -- helpers ------------------------------------------------------------------------------
+def _clean_partial(partial: Path, keep: Sequence[str] = _PARTIAL_FILES) -> None:
+    """Remove from ``partial`` every file but ``keep`` (leftovers of an interruption)."""
+    for path in partial.iterdir():
+        if path.name in keep:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def _read_done(path: Path, n: int) -> dict[int, str | None]:
     records: dict[int, str | None] = {}
     if not path.is_file():
@@ -620,14 +716,3 @@ def _read_tsv(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
         dtype={"participant_id": str, "path": str, "sex": object, "site": str},
     )
     return table
-
-
-@contextlib.contextmanager
-def file_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive advisory lock (``fcntl.flock``) on ``path`` for the block."""
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)

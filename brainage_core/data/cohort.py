@@ -13,6 +13,7 @@ through the same path as real data: a BIDS folder read by
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ import pandas as pd
 
 from brainage_core._utils.validation import BrainAgeInputError, check_choice, check_positive
 from brainage_core.data.cache import PreparedCohort, prepare_cohort
-from brainage_core.data.manifest import ON_ERROR_CHOICES
+from brainage_core.data.manifest import AGE_RANGE, ON_ERROR_CHOICES, check_age_range
 from brainage_core.data.sources import SOURCES, SourceRequest
+from brainage_core.data.sources.bids import BidsSelection
 from brainage_core.data.splits import check_split_fractions
 from brainage_core.data.template import SUPPORTED_RESOLUTIONS
 
@@ -34,6 +36,8 @@ DATA_DEFAULTS: dict[str, Any] = {
     "cache_dir": ".cache/brainage",
     "on_error": "raise",
     "split_fractions": [0.7, 0.15, 0.15],
+    "bids": {},
+    "age_range": list(AGE_RANGE),
     "synthetic": {},
 }
 
@@ -76,6 +80,13 @@ def resolve_data_config(data_config: Mapping[str, Any]) -> dict[str, Any]:
     cfg = {**DATA_DEFAULTS, **{k: v for k, v in data_config.items() if v is not None}}
     cfg["path"] = data_config.get("path")
     check_choice("data.source", cfg["source"], tuple(SOURCES))
+    for key in ("cache_dir", "path"):
+        value = cfg[key]
+        if value is not None and (not isinstance(value, (str, os.PathLike)) or value == ""):
+            raise BrainAgeInputError(
+                f"'data.{key}' must be a folder or file path (text); {value!r} was provided."
+            )
+    cfg["age_range"] = list(check_age_range(cfg["age_range"], "data.age_range"))
     check_choice("data.resolution", cfg["resolution"], SUPPORTED_RESOLUTIONS)
     check_choice("data.on_error", cfg["on_error"], ON_ERROR_CHOICES)
     cfg["split_fractions"] = list(check_split_fractions(cfg["split_fractions"]))
@@ -84,6 +95,9 @@ def resolve_data_config(data_config: Mapping[str, Any]) -> dict[str, Any]:
             f"'data.path' is required with data.source={cfg['source']!r}: give the BIDS "
             "root or the CSV manifest, e.g. -p data.path /data/my_study"
         )
+    if not isinstance(cfg["bids"], Mapping):
+        raise BrainAgeInputError(f"'data.bids' must be a mapping; {cfg['bids']!r} was provided.")
+    cfg["bids"] = BidsSelection.from_dict(cfg["bids"]).to_dict()
     if not isinstance(cfg["synthetic"], Mapping):
         raise BrainAgeInputError(
             f"'data.synthetic' must be a mapping; {cfg['synthetic']!r} was provided."
@@ -101,9 +115,12 @@ def load_cohort(
     data_config : mapping
         The config's ``data`` section: ``source`` ("synthetic", "bids", "csv" or
         "oasis"), ``path`` (BIDS root, CSV manifest, or nilearn data folder for OASIS),
+        ``bids`` (``session`` and ``run``: which images of a BIDS folder enter, see
+        :class:`brainage_core.data.sources.bids.BidsSelection`),
         ``resolution`` (cache grid, mm), ``cache_dir`` (relative to the current
-        directory), ``on_error`` ("raise" or "skip"), ``split_fractions`` and
-        ``synthetic`` (:class:`brainage_core.data.synth.config.SynthConfig` fields).
+        directory), ``on_error`` ("raise" or "skip"), ``split_fractions``,
+        ``age_range`` (plausible ages, default [0, 120]) and ``synthetic``
+        (:class:`brainage_core.data.synth.config.SynthConfig` fields).
     progress : bool, default=True
         Show progress bars.
     n_jobs : int, default=2
@@ -122,6 +139,7 @@ def load_cohort(
         path=cfg["path"],
         cache_dir=cache_dir,
         synthetic=cfg["synthetic"],
+        bids=cfg["bids"],
         n_jobs=n_jobs,
         progress=progress,
     )
@@ -135,6 +153,7 @@ def load_cohort(
         seed=SPLIT_SEED,
         n_jobs=n_jobs,
         progress=progress,
+        age_range=cfg["age_range"],
     )
 
 

@@ -37,6 +37,11 @@ REQUIRED_CSV_COLUMNS = ("participant_id", "path", "age")
 #: Policies for a bad participant: stop with an error, or skip it and report it.
 ON_ERROR_CHOICES = ("raise", "skip")
 
+#: Plausible ages in years (inclusive); an age outside is reported as a bad participant.
+#: Change it with ``age_range=`` (``--age-range`` on the command line, ``data.age_range``
+#: in a study config), e.g. for ages recorded in months.
+AGE_RANGE = (0.0, 120.0)
+
 _SEX_CODES = {
     "m": "M",
     "male": "M",
@@ -49,12 +54,32 @@ _NA_VALUES = ["n/a", "N/A", "NA", "nan", "NaN", ""]
 
 
 # -- validation ---------------------------------------------------------------------------
-def find_manifest_problems(manifest: pd.DataFrame) -> pd.DataFrame:
+def skip_hint() -> str:
+    """How to skip bad participants instead of stopping (ends every such error).
+
+    The command line rewrites it into its own spelling (``--on-error skip``,
+    ``-p data.on_error skip``), see :mod:`brainage_core.cli`.
+    """
+    return "use on_error='skip' to skip such participants"
+
+
+def find_manifest_problems(
+    manifest: pd.DataFrame, *, age_range: tuple[float, float] | list[float] = AGE_RANGE
+) -> pd.DataFrame:
     """List the rows of a manifest that cannot be used, with the reason.
 
-    Checks, per row: a missing participant id, a missing or non-numeric age, a
-    duplicate participant (the later rows), a missing path and a path that does not
-    exist.
+    Checks, per row: a missing participant id, a participant of a BIDS folder not
+    listed in its ``participants.tsv``, a missing or non-numeric age, an age outside
+    ``age_range``, a duplicate participant (the later rows; with ``session``/``run``
+    columns, a duplicate subject, session and run), a missing path and a path that does
+    not exist.
+
+    Parameters
+    ----------
+    manifest : pandas.DataFrame
+        The manifest.
+    age_range : (float, float), default=(0, 120)
+        Plausible ages in years, bounds included.
 
     Returns
     -------
@@ -63,30 +88,40 @@ def find_manifest_problems(manifest: pd.DataFrame) -> pd.DataFrame:
         ``reason``; empty when every row is usable.
     """
     _check_columns(manifest, "manifest")
+    low, high = check_age_range(age_range)
+    unlisted = set(manifest.attrs.get("unlisted", ()))
+    listing = manifest.attrs.get("participants_file", "participants.tsv")
     problems = []
     seen: set[str] = set()
+    labels = image_labels(manifest)
     for row, rec in enumerate(manifest.itertuples(index=False)):
         pid = rec.participant_id
         path = rec.path
         reason = None
         if pd.isna(pid) or str(pid).strip() == "":
             reason = "missing participant_id"
-        elif str(pid) in seen:
-            reason = f"duplicate participant {pid!r}"
+        elif labels[row] in seen:
+            reason = (f"duplicate participant {pid!r}" if labels[row] == str(pid)
+                      else f"duplicate image {labels[row]!r}")
         else:
             age = pd.to_numeric(pd.Series([rec.age]), errors="coerce").iloc[0]
-            if pd.isna(rec.age):
+            if pd.isna(rec.age) and str(pid) in unlisted:
+                reason = f"has an image but is not listed in {listing}, so it has no age"
+            elif pd.isna(rec.age):
                 reason = "missing age"
             elif pd.isna(age):
                 reason = f"non-numeric age {rec.age!r}"
-            elif not np.isfinite(age) or age < 0:
-                reason = f"invalid age {rec.age!r}"
+            elif not np.isfinite(age) or not low <= age <= high:
+                reason = (
+                    f"age {_num(age)} is outside the plausible range [{_num(low)}, "
+                    f"{_num(high)}] years, set by age_range=(low, high)"
+                )
             elif pd.isna(path) or str(path) == "":
                 reason = "no image path (no T1w image found)"
             elif not Path(str(path)).is_file():
                 reason = "image file does not exist"
         if not (pd.isna(pid) or str(pid).strip() == ""):
-            seen.add(str(pid))
+            seen.add(labels[row])
         if reason is not None:
             problems.append(
                 {
@@ -100,7 +135,11 @@ def find_manifest_problems(manifest: pd.DataFrame) -> pd.DataFrame:
 
 
 def validate_manifest(
-    manifest: pd.DataFrame, source: str = "manifest", *, on_error: str = "raise"
+    manifest: pd.DataFrame,
+    source: str = "manifest",
+    *,
+    on_error: str = "raise",
+    age_range: tuple[float, float] | list[float] = AGE_RANGE,
 ) -> pd.DataFrame:
     """Check a manifest and return a clean copy.
 
@@ -115,6 +154,8 @@ def validate_manifest(
         the file and the problem; ``"skip"`` drops the bad rows. The dropped rows (with
         their reasons, see :func:`find_manifest_problems`) are in
         ``result.attrs["skipped"]``.
+    age_range : (float, float), default=(0, 120)
+        Plausible ages in years, bounds included (see :data:`AGE_RANGE`).
 
     Returns
     -------
@@ -129,13 +170,13 @@ def validate_manifest(
             source,
         )
     _check_columns(manifest, source)
-    problems = find_manifest_problems(manifest)
+    problems = find_manifest_problems(manifest, age_range=age_range)
     if len(problems) and on_error == "raise":
         first = problems.iloc[0]
         where = first["path"] or source
         raise BrainAgeInputError(
             f"participant {first['participant_id']!r}: {first['reason']} "
-            f"(in {source}; use on_error='skip' to skip such participants)",
+            f"(in {source}; {skip_hint()})",
             where,
         )
     keep = np.ones(len(manifest), dtype=bool)
@@ -153,6 +194,26 @@ def validate_manifest(
     return clean
 
 
+def image_labels(table: pd.DataFrame) -> list[str]:
+    """The key of each row: ``sub-<label>[_ses-<label>][_run-<index>]``.
+
+    The participant id alone when the table has no ``session`` and ``run`` columns (or
+    they are empty), so that cross-sectional cohorts keep their participant ids as keys.
+    Used for per-image file names (maps) and the uniqueness check.
+    """
+    ids = ["" if pd.isna(p) else str(p) for p in table["participant_id"]]
+    for column in ("session", "run"):
+        if column not in table.columns:
+            continue
+        prefix = "ses-" if column == "session" else "run-"
+        ids = [
+            key if pd.isna(v) or str(v) == "" else
+            f"{key}_{v if str(v).startswith(prefix) else prefix + str(v)}"
+            for key, v in zip(ids, table[column], strict=True)
+        ]
+    return ids
+
+
 def normalise_sex(value: Any) -> str | None:
     """Map a sex code to ``"M"``/``"F"`` (None when missing or not recognised)."""
     if value is None or (not isinstance(value, str) and pd.isna(value)):
@@ -160,7 +221,28 @@ def normalise_sex(value: Any) -> str | None:
     return _SEX_CODES.get(str(value).strip().lower())
 
 
+def check_age_range(age_range: Any, name: str = "age_range") -> tuple[float, float]:
+    """Return ``age_range`` as ``(low, high)`` floats, or raise naming ``name``."""
+    ok = (
+        isinstance(age_range, (list, tuple))
+        and len(age_range) == 2
+        and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in age_range)
+        and all(np.isfinite(a) for a in age_range)
+        and age_range[0] < age_range[1]
+    )
+    if not ok:
+        raise BrainAgeInputError(
+            f"'{name}' must be two finite numbers (low, high) with low < high; "
+            f"{age_range!r} was provided."
+        )
+    return float(age_range[0]), float(age_range[1])
+
+
 # -- helpers ------------------------------------------------------------------------------
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
 def _check_columns(manifest: pd.DataFrame, source: str | os.PathLike) -> None:
     missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
     if missing:
@@ -194,7 +276,7 @@ def read_table(path: Path, sep: str) -> pd.DataFrame:
 
 
 def lower_known_columns(columns: pd.Index) -> dict[str, str]:
-    known = {c: c for c in (*MANIFEST_COLUMNS, "session")}
+    known = {c: c for c in (*MANIFEST_COLUMNS, "session", "run")}
     return {c: known[c.lower()] for c in columns if isinstance(c, str) and c.lower() in known}
 
 

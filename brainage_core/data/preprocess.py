@@ -4,7 +4,9 @@
 
 1. **validate** (:func:`load_image`): the file exists and reads completely, the image is
    3D (a 4D image with one volume is squeezed; several volumes are an error), every voxel
-   is finite and the affine is invertible with non-zero voxel sizes;
+   is finite and the affine is invertible with non-zero voxel sizes. Intensities whose
+   magnitude float32 cannot hold well (beyond 2**100, below 2**-20) are rescaled by an
+   exact power of two; the normalisation removes any global scale anyway;
 2. **reorient** to canonical RAS+ (:func:`nibabel.as_closest_canonical`);
 3. **resample** onto the template grid (:func:`nilearn.image.resample_img`, continuous
    interpolation, zero outside the field of view);
@@ -87,13 +89,18 @@ def load_image(img: ImageLike) -> nib.Nifti1Image:
                 name,
             ) from err
     try:
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        data = np.asarray(img.dataobj)
     except Exception as err:  # truncated gzip: EOFError, zlib.error, OSError, ValueError
         raise BrainAgeInputError(
             f"cannot read the image data; the file is truncated or corrupt "
             f"({type(err).__name__}: {err})",
             name,
         ) from err
+    if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
+        raise BrainAgeInputError(
+            f"voxels of type {data.dtype} are not real numbers; a scalar image was expected",
+            name,
+        )
 
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
@@ -114,11 +121,47 @@ def load_image(img: ImageLike) -> nib.Nifti1Image:
         raise BrainAgeInputError(
             f"{n_bad} non-finite voxel(s) (NaN or inf) out of {data.size}", name
         )
+    data = _to_float32(data, name)
     affine = np.asarray(img.affine, dtype=float)
     check_affine(affine, name)
     out = nib.Nifti1Image(data, affine)
     out.header.set_xyzt_units("mm")
     return out
+
+
+def _to_float32(data: np.ndarray, name: str | os.PathLike) -> np.ndarray:
+    """Convert to float32, first rescaling by a power of two if the magnitudes need it.
+
+    Intensities are arbitrary units (the normalisation removes any global scale), but
+    float32 cannot hold values beyond about 3e38 and loses precision near 1e-38. A
+    power-of-two scale is exact, so an image is changed only when its largest magnitude
+    lies outside :data:`_PLAIN_MAGNITUDES` and then only by that exact factor. An image
+    whose values span more than float32 can hold at once (an extreme outlier next to
+    ordinary intensities) is an error naming both magnitudes.
+    """
+    peak = float(np.max(np.abs(data))) if data.size else 0.0
+    low, high = _PLAIN_MAGNITUDES
+    if not (peak > 0 and not low <= peak <= high):
+        return np.asarray(data, dtype=np.float32)
+    exponent = int(np.frexp(peak)[1])
+    original = np.asarray(data, dtype=np.float64)
+    scaled = np.ldexp(original, -exponent).astype(np.float32)
+    nonzero = original != 0
+    lost = int(np.count_nonzero(nonzero & (scaled == 0)))
+    if lost > 1e-3 * max(int(np.count_nonzero(nonzero)), 1):
+        smallest = float(np.min(np.abs(original[nonzero])))
+        raise BrainAgeInputError(
+            f"voxel magnitudes range from {smallest:.3g} to {peak:.3g}, more than 32-bit "
+            f"floats hold at once: {lost} non-zero voxel(s) would become 0 (an extreme "
+            "outlier or a corrupt file?)",
+            name,
+        )
+    return scaled
+
+
+#: Largest voxel magnitudes used as they are; outside, the image is rescaled exactly
+#: (see :func:`_to_float32`).
+_PLAIN_MAGNITUDES = (2.0**-20, 2.0**100)
 
 
 def check_affine(affine: np.ndarray, name: str | os.PathLike = "<image>") -> None:

@@ -79,6 +79,8 @@ def make_splits(
     ages: Sequence[float] | np.ndarray,
     fractions: Sequence[float] = (0.7, 0.15, 0.15),
     seed: int = 0,
+    *,
+    groups: Sequence[str] | np.ndarray | None = None,
 ) -> np.ndarray:
     """Assign each participant to "train", "val" or "test", stratified by age.
 
@@ -90,6 +92,11 @@ def make_splits(
         Fractions of the train, validation and test splits; they sum to 1.
     seed : int, default=0
         Seed of the shuffling within blocks of similar ages.
+    groups : array-like or None, default=None
+        A group (subject) per row: rows of one group always share a split. The groups
+        are split by their mean age, in order of first appearance, so the fractions
+        count groups, not rows. With one row per group the result equals that without
+        ``groups``.
 
     Returns
     -------
@@ -99,6 +106,21 @@ def make_splits(
     ages = np.asarray(ages, dtype=float)
     if ages.ndim != 1 or not np.all(np.isfinite(ages)):
         raise BrainAgeInputError("'ages' must be a 1D array of finite numbers.")
+    if groups is not None:
+        keys = np.asarray(groups, dtype=object)
+        if keys.shape != ages.shape:
+            raise BrainAgeInputError(
+                f"'groups' must give one group per age; {keys.size} groups for {ages.size} ages."
+            )
+        codes, first = {}, []
+        index = np.empty(ages.size, dtype=int)
+        for i, key in enumerate(keys):
+            if key not in codes:
+                codes[key] = len(codes)
+                first.append(i)
+            index[i] = codes[key]
+        group_ages = np.bincount(index, weights=ages) / np.bincount(index)
+        return make_splits(group_ages, fractions, seed)[index]
     frac = np.asarray(check_split_fractions(fractions))
     n = ages.size
     counts = split_counts(n, frac)

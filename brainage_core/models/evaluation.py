@@ -212,7 +212,8 @@ def prediction_table(cohort: Cohort, predicted_age: Any) -> tuple[pd.DataFrame, 
             f"'predicted_age' must hold one value per subject ({len(src)}); "
             f"shape {pred.shape} was provided."
         )
-    keep = [c for c in ("participant_id", "age", "sex", "site", "split") if c in src]
+    keep = [c for c in ("participant_id", "session", "run", "age", "sex", "site", "split")
+            if c in src]
     table = src[keep].copy().reset_index(drop=True)
     age = table["age"].to_numpy(dtype=float)
     val = table["split"].to_numpy() == "val"

@@ -60,6 +60,13 @@ VENDOR = "_vendor"
 MATHJAX_PARTS = ("tex-chtml.js", "output/chtml/fonts/woff-v2", "input/tex/extensions",
                  "ui", "a11y")
 
+#: Where ``npm pack`` keeps NiiVue's tarball between book builds (override with the
+#: environment variable ``BRAINAGE_NPM_CACHE``).
+NPM_CACHE = BOOK_ROOT / ".cache" / "npm"
+
+#: Seconds ``npm pack`` may take (a 6.8 MB download, once).
+NPM_TIMEOUT = 300.0
+
 #: Where MathJax comes from when it cannot be vendored.
 MATHJAX_CDN = "https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-chtml.js"
 
@@ -170,9 +177,10 @@ def stage_book(
             write_text(src / f"{page}.md", f"# {rel.name.replace('_', ' ').capitalize()}\n\n"
                        "```{note}\nThis chapter is not written yet.\n```\n")
     math = vendor_mathjax(src)
+    viewer = vendor_niivue(src)
     write_text(results / "index.md", _results_index(run, config, notebooks))
     write_text(results / "downloads.md", _downloads(run, results / "files"))
-    write_text(results / "run_status.md", _run_status(run, config, math))
+    write_text(results / "run_status.md", _run_status(run, config, math, viewer))
     return src
 
 
@@ -209,17 +217,106 @@ def vendor_mathjax(src: Path) -> str:
         else:
             (target / part).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target / part)
-    config_path = src / "_config.yml"
-    book_config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    sphinx_config = book_config.setdefault("sphinx", {}).setdefault("config", {})
-    sphinx_config["mathjax_path"] = "mathjax/tex-chtml.js"
-    sphinx_config["html_static_path"] = [VENDOR]
-    write_text(config_path, yaml.safe_dump(book_config, sort_keys=False))
+    _serve_vendor_folder(src, mathjax_path="mathjax/tex-chtml.js")
     import importlib.metadata as metadata
 
     version = metadata.version("django-static-mathjax")
     return (f"MathJax {version.rsplit('.', 1)[0]} served from this book (`_static/mathjax`, "
             f"vendored from the django-static-mathjax {version} wheel): works offline.")
+
+
+def _serve_vendor_folder(src: Path, **sphinx: Any) -> None:
+    """Make Sphinx copy ``src/_vendor`` into ``_static`` (and set other Sphinx options)."""
+    config_path = src / "_config.yml"
+    book_config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    sphinx_config = book_config.setdefault("sphinx", {}).setdefault("config", {})
+    sphinx_config.update(sphinx)
+    sphinx_config["html_static_path"] = [VENDOR]
+    write_text(config_path, yaml.safe_dump(book_config, sort_keys=False))
+
+
+def niivue_tarball(cache_dir: str | os.PathLike | None = None) -> tuple[Path | None, str]:
+    """The pinned NiiVue npm tarball, fetched once with ``npm pack`` and verified.
+
+    The tarball is kept in ``cache_dir`` (:data:`NPM_CACHE`, or ``$BRAINAGE_NPM_CACHE``)
+    and checked against the pinned SHA-512 integrity of the npm registry before use.
+
+    Returns
+    -------
+    tuple of (pathlib.Path or None, str)
+        The tarball, or None with the reason it is not available.
+    """
+    import base64
+    import hashlib
+
+    from brainage_core.plotting.niivue import NIIVUE_INTEGRITY, NIIVUE_PACKAGE, NIIVUE_VERSION
+
+    cache = Path(cache_dir or os.environ.get("BRAINAGE_NPM_CACHE") or NPM_CACHE)
+    tarball = cache / f"niivue-niivue-{NIIVUE_VERSION}.tgz"
+
+    def verified() -> bool:
+        digest = base64.b64encode(hashlib.sha512(tarball.read_bytes()).digest()).decode()
+        return f"sha512-{digest}" == NIIVUE_INTEGRITY
+
+    if tarball.is_file() and verified():
+        return tarball, ""
+    npm = shutil.which("npm")
+    if npm is None:
+        return None, "npm is not installed (apt-get install -y npm)"
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        proc = subprocess.run(
+            [npm, "pack", f"{NIIVUE_PACKAGE}@{NIIVUE_VERSION}", "--pack-destination",
+             str(cache), "--silent"],
+            capture_output=True, text=True, timeout=NPM_TIMEOUT, check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"npm pack did not finish within {NPM_TIMEOUT:.0f} s"
+    if proc.returncode != 0 or not tarball.is_file():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
+        return None, f"npm pack failed (exit {proc.returncode}): {tail[0]}"
+    if not verified():
+        tarball.unlink()
+        return None, "the downloaded tarball does not match the pinned integrity"
+    return tarball, ""
+
+
+def vendor_niivue(src: Path, cache_dir: str | os.PathLike | None = None) -> str:
+    """Serve NiiVue's UMD bundle from the book (``_static/niivue``); return how.
+
+    The pinned ``@niivue/niivue`` npm tarball (:func:`niivue_tarball`) provides
+    ``dist/niivue.umd.js`` (self-contained, about 2.3 MB) and its licence (BSD-2-Clause,
+    written to ``_static/niivue/LICENSE.txt``). Without npm or a network on the first
+    build, the book is built without it and its pages show the plotly viewers only.
+    """
+    import tarfile
+
+    from brainage_core.plotting.niivue import (
+        NIIVUE_BUNDLE,
+        NIIVUE_LICENSE,
+        NIIVUE_PACKAGE,
+        NIIVUE_TARBALL_FILE,
+        NIIVUE_VERSION,
+    )
+
+    tarball, why = niivue_tarball(cache_dir)
+    if tarball is None:
+        return (f"NiiVue not vendored ({why}): the pages show the plotly slice viewers "
+                "only.")
+    target = src / VENDOR / NIIVUE_BUNDLE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tarball, "r:gz") as archive:
+        package = json.load(archive.extractfile("package/package.json"))
+        target.write_bytes(archive.extractfile(NIIVUE_TARBALL_FILE).read())
+    licence = package.get("license", NIIVUE_LICENSE)
+    write_text(target.parent / "LICENSE.txt", (
+        f"{NIIVUE_PACKAGE} {package.get('version', NIIVUE_VERSION)} (npm), licence {licence}.\n"
+        f"Source: {package.get('homepage') or 'https://github.com/niivue/niivue'}\n"
+        "File: dist/niivue.umd.js of the npm tarball, unmodified.\n"))
+    _serve_vendor_folder(src)
+    return (f"NiiVue {NIIVUE_VERSION} ({licence}) served from this book "
+            f"(`_static/{NIIVUE_BUNDLE}`, from the npm package `{NIIVUE_PACKAGE}`): works "
+            "offline.")
 
 
 def _publish_notebook(source: Path, target: Path) -> None:
@@ -371,9 +468,10 @@ def _downloads(run: RunDir, files: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _run_status(run: RunDir, config: Mapping[str, Any], math: str) -> str:
+def _run_status(run: RunDir, config: Mapping[str, Any], math: str, viewer: str = "") -> str:
     return "\n".join([
         f"Mathematics: {math}\n",
+        f"Image viewer: {viewer}\n",
         f"Run folder: `{run.root.name}`. Steps, as executed by papermill:\n",
         _md_table(_step_rows(run)),
         "Its configuration (`config.yaml`):\n",

@@ -26,6 +26,11 @@ that need them), never the training upstream.
 
 A failing cell stops the run with :class:`StepFailed`, which names the notebook and the
 cell; the partially executed notebook is kept at its stable name for inspection.
+
+One run folder is used by one pipeline at a time: a second ``run`` on the same folder
+waits for the first (then finds its steps unchanged), or is refused with ``wait=False``;
+the lock names the process holding it (see :mod:`brainage_core._utils.locks`). A step stopped
+by Ctrl-C is recorded as ``interrupted`` (and re-runs next time).
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from brainage_core._utils.io import write_json, write_text
+from brainage_core._utils.io import check_output_folder, write_json, write_text
+from brainage_core._utils.locks import file_lock
 from brainage_core._utils.validation import BrainAgeInputError
 from brainage_core.study.config import config_hash, dump_config, run_name
 from brainage_core.study.rundir import RunDir
@@ -58,6 +64,9 @@ NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 
 #: File in the run folder holding one record per executed step.
 STATE_FILE = ".pipeline.json"
+
+#: Lock file of a run folder: one pipeline at a time.
+LOCK_FILE = ".run.lock"
 
 #: Kernel the notebooks declare and run with (mapped to this interpreter, see
 #: :func:`python_kernel`).
@@ -285,10 +294,13 @@ def python_kernel(name: str = KERNEL_NAME) -> Iterator[str]:
         spec_dir = Path(tmp) / "kernels" / name
         spec_dir.mkdir(parents=True)
         spec = {
-            # log_level=ERROR: the kernel's own log (not the cells' output) stays quiet,
-            # e.g. ipykernel's notice that a local kernel talks over TCP.
-            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
-                     "--IPKernelApp.log_level=ERROR"],
+            # log_level=CRITICAL: the kernel's own log (not the cells' output, which
+            # papermill records) stays quiet, e.g. ipykernel's notice that a local kernel
+            # talks over TCP, or the errors of a kernel shut down in the middle of a cell
+            # by Ctrl-C (which is then reported in one line).
+            # brainage_core.pipeline.kernel: ipykernel_launcher, tied to the run (dies with it).
+            "argv": [sys.executable, "-m", "brainage_core.pipeline.kernel", "-f",
+                     "{connection_file}", "--IPKernelApp.log_level=CRITICAL"],
             "display_name": f"Python 3 ({Path(sys.prefix).name})",
             "language": "python",
             # Figures go into the notebook whatever MPLBACKEND the caller has (a test
@@ -333,7 +345,10 @@ def prepare_run_dir(
         If the folder already holds a run of a *different* configuration: the existing
         run is never overwritten.
     """
+    if run_dir is None:
+        check_output_folder(runs_root, "runs root")
     run = RunDir(Path(run_dir) if run_dir is not None else Path(runs_root) / run_name(config))
+    check_output_folder(run.root, "run folder")
     if run.config_path.exists():
         existing = run.load_config()
         if existing != dict(config):
@@ -385,6 +400,7 @@ def run_pipeline(
     log: Callable[[str], None] = print,
     code_version: str | None = None,
     package_dir: str | os.PathLike = PACKAGE_DIR,
+    wait: bool | None = None,
 ) -> PipelineResult:
     """Execute the study notebooks for ``config`` into a run folder.
 
@@ -412,6 +428,10 @@ def run_pipeline(
         re-runs the steps that use it.
     package_dir : str or os.PathLike, default=PACKAGE_DIR
         The ``brainage_core`` folder whose code is hashed.
+    wait : bool or None, default=None
+        When another pipeline uses the run folder: wait for it (True) or raise
+        :class:`~brainage_core._utils.locks.LockBusy` naming it (False). None waits unless
+        the environment variable ``BRAINAGE_LOCK_WAIT`` is ``"0"`` (``--no-wait``).
 
     Returns
     -------
@@ -423,13 +443,39 @@ def run_pipeline(
     StepFailed
         When a notebook raises; names the notebook and the cell, keeps the partial notebook.
     BrainAgeInputError
-        For a run folder of another configuration or a missing notebook folder.
+        For a run folder of another configuration, one that is a file or not writable,
+        or a missing notebook folder.
+    KeyboardInterrupt
+        On Ctrl-C; the step is recorded as ``interrupted``.
     """
+    steps = discover_steps(notebook_dir)
+    target = Path(run_dir) if run_dir is not None else Path(runs_root) / run_name(config)
+    check_output_folder(target, "run folder")
+    target.mkdir(parents=True, exist_ok=True)
+    with file_lock(target / LOCK_FILE, wait=wait, what="this run folder"):
+        return _run_steps(
+            config, steps, prepare_run_dir(config, target),
+            force=force, cwd=cwd, progress=progress, log=log, code_version=code_version,
+            package_dir=package_dir,
+        )
+
+
+def _run_steps(
+    config: Mapping[str, Any],
+    steps: list[Step],
+    run: RunDir,
+    *,
+    force: bool,
+    cwd: str | os.PathLike | None,
+    progress: bool,
+    log: Callable[[str], None],
+    code_version: str | None,
+    package_dir: str | os.PathLike,
+) -> PipelineResult:
+    """Execute ``steps`` into ``run`` (the caller holds the run folder's lock)."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    steps = discover_steps(notebook_dir)
-    run = prepare_run_dir(config, run_dir, runs_root=runs_root)
     root = run.root.resolve()
     state = load_state(run)
     result = PipelineResult(run_dir=root)
@@ -493,6 +539,12 @@ def run_pipeline(
                                                  error=f"{type(err).__name__}: {err}")
                 _save_state(run, state)
                 raise StepFailed(step.name, output, None, f"{type(err).__name__}: {err}") from err
+            except BaseException:  # Ctrl-C, SystemExit: not "running" forever
+                seconds = time.perf_counter() - start
+                state["steps"][step.name].update(status="interrupted",
+                                                 seconds=round(seconds, 1), finished=_now())
+                _save_state(run, state)
+                raise
             seconds = time.perf_counter() - start
             state["steps"][step.name].update(status="ok", seconds=round(seconds, 1),
                                              finished=_now())
@@ -503,6 +555,9 @@ def run_pipeline(
     names = {s.name for s in steps}
     state["steps"] = {k: v for k, v in state["steps"].items() if k in names}
     _save_state(run, state)
+    from brainage_core.study.derivatives import write_derivatives
+
+    log(f"BIDS-Derivatives view: {write_derivatives(root)}")
     return result
 
 
@@ -535,6 +590,7 @@ __all__ = [
     "discover_steps",
     "failed_steps",
     "load_state",
+    "LOCK_FILE",
     "prepare_run_dir",
     "python_kernel",
     "read_run_config",

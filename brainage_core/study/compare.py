@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from brainage_core._utils.io import write_table
+from brainage_core._utils.io import save_nifti, write_table
 from brainage_core.analysis.faithfulness import (
     budget_faithfulness,
     deletion_auc,
@@ -158,6 +158,8 @@ def compare_methods(
         ms = 1000.0 * (time.perf_counter() - start) / max(len(indices), 1)
         mean = maps.mean(0)[0].numpy()
         mean_maps[name] = mean
+        save_nifti(study.cohort.to_image(mean.astype(np.float32)),
+                   study.run.method_map(name))
         table = region_table(mean, atlas, min_voxels=s.min_region_voxels)
         row: dict[str, Any] = {"method": name, "ms_per_subject": ms, "n_subjects": len(indices)}
         if name == NOISE_PER_SUBJECT:

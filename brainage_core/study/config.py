@@ -39,6 +39,7 @@ import yaml
 from brainage_core._utils.io import read_yaml_mapping
 from brainage_core._utils.validation import BrainAgeInputError, check_choice
 from brainage_core.data.cohort import resolve_data_config
+from brainage_core.data.sources.bids import BidsSelection
 from brainage_core.data.synth import SynthConfig
 from brainage_core.models.training import TrainConfig
 from brainage_core.study.maps import MapsConfig
@@ -55,6 +56,7 @@ TOP_LEVEL_KEYS = ("name", "seed", "data", "prediction", "maps")
 SECTION_VALIDATORS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "data": resolve_data_config,
     "data.synthetic": SynthConfig.from_dict,
+    "data.bids": BidsSelection.from_dict,
     "prediction": TrainConfig.from_dict,
     "maps": MapsConfig.from_dict,
 }

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
@@ -359,8 +360,12 @@ class MapsStudy:
         return self.cohort.table["age"].to_numpy(dtype=float)[np.asarray(indices, dtype=int)]
 
     def participant_ids(self, indices: Any) -> list[str]:
-        ids = self.cohort.table["participant_id"].to_numpy()
-        return [str(ids[int(i)]) for i in indices]
+        """Keys of the given rows: ``sub-<label>``, with ``_ses-``/``_run-`` when the
+        cohort keeps several sessions or runs per subject (map file names use them)."""
+        from brainage_core.data.manifest import image_labels
+
+        ids = image_labels(self.cohort.table)
+        return [ids[int(i)] for i in indices]
 
     @property
     def noise_checkpoint(self) -> Path:
@@ -400,3 +405,31 @@ def load_truth(study: MapsStudy) -> GridTruth | None:
         return study.truth
     return truth_on_cohort_grid(study.cohort, weak_tail=study.settings.weak_tail)
 
+
+
+def truth_mask_image(run_dir: str | os.PathLike) -> nib.Nifti1Image | None:
+    """The planted ground-truth mask of a run's synthetic cohort (its own grid); None for
+    real data or before the data step has run."""
+    root = RunDir(run_dir).read_metrics().get("data", {}).get("source_root")
+    if not root or not (Path(root) / "derivatives" / "ground_truth").is_dir():
+        return None
+    from brainage_core.data.synth.cohort import load_ground_truth
+
+    return load_ground_truth(root).mask_img
+
+
+def population_images(run_dir: str | os.PathLike) -> dict[str, nib.Nifti1Image]:
+    """A run's population map and age-band maps, labelled for a viewer's menu."""
+    run = RunDir(run_dir)
+    maps = run.maps
+    out: dict[str, nib.Nifti1Image] = {}
+    population = run.population_map
+    if population.is_file():
+        out["population (all test subjects)"] = nib.load(population)
+    bands = []
+    for path in maps.glob("population_age-*_importance.nii.gz"):
+        lo, hi = path.name[len("population_age-"):-len("_importance.nii.gz")].split("-")
+        bands.append((float(lo), lo, hi, path))
+    for _, lo, hi, path in sorted(bands):
+        out[f"age {lo}-{hi}"] = nib.load(path)
+    return out

@@ -113,6 +113,10 @@ class RunDir:
         """``maps/population_importance.nii.gz``: the population map (step 04)."""
         return self.maps / POPULATION_FILE
 
+    def method_map(self, method: str) -> Path:
+        """``maps/method-<method>_mean.nii.gz``: a compared method's mean map (step 06)."""
+        return self.maps / f"method-{method}_mean.nii.gz"
+
     @property
     def maps_source(self) -> Path:
         """``maps/.maps_source.json``: which noise model made the subject maps."""

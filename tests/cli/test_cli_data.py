@@ -70,12 +70,12 @@ def test_prepare_csv_skip_reports_the_skipped(tiny_bids: Path, tmp_path: Path, c
     assert cohort.metadata["split_fractions"] == [0.6, 0.2, 0.2]
 
 
-def test_prepare_errors_exit_2_naming_the_file(tiny_bids: Path, tmp_path: Path, capsys) -> None:
-    assert main(_prepare_args("--bids", str(tmp_path / "nope"), out=tmp_path / "c")) == 2
+def test_prepare_errors_exit_1_naming_the_file(tiny_bids: Path, tmp_path: Path, capsys) -> None:
+    assert main(_prepare_args("--bids", str(tmp_path / "nope"), out=tmp_path / "c")) == 1
     assert f"{tmp_path / 'nope'}: BIDS folder does not exist" in capsys.readouterr().err
     bad = t1w_path(tiny_bids, "sub-04")
     truncate_gzip(bad)
-    assert main(_prepare_args("--bids", str(tiny_bids), out=tmp_path / "c")) == 2
+    assert main(_prepare_args("--bids", str(tiny_bids), out=tmp_path / "c")) == 1
     err = capsys.readouterr().err
     assert str(bad) in err and "sub-04" in err and "truncated or corrupt" in err
 
@@ -131,9 +131,9 @@ def test_synth_options_and_config_file(tmp_path: Path, monkeypatch, capsys) -> N
     assert seen["out"] == tmp_path / "ds" and seen["n_jobs"] == 1
 
     cfg.write_text(yaml.safe_dump({"n_subject": 3}))
-    assert main(["synth", "--config", str(cfg), "--out", str(tmp_path / "x")]) == 2
+    assert main(["synth", "--config", str(cfg), "--out", str(tmp_path / "x")]) == 1
     assert "n_subject" in capsys.readouterr().err
-    assert main(["synth", "--config", str(tmp_path / "no.yaml"), "--out", "x"]) == 2
+    assert main(["synth", "--config", str(tmp_path / "no.yaml"), "--out", "x"]) == 1
     assert f"{tmp_path / 'no.yaml'}: config file does not exist" in capsys.readouterr().err
 
 

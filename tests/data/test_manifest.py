@@ -58,11 +58,15 @@ def test_load_bids_labels_without_prefix(tiny_bids: Path) -> None:
     assert (m["path"] != "").all()
 
 
-def test_bids_image_without_participant_row_is_missing_age(tiny_bids: Path) -> None:
+def test_bids_image_without_participant_row_is_not_listed(tiny_bids: Path) -> None:
     tsv = tiny_bids / "participants.tsv"
     pd.read_csv(tsv, sep="\t").iloc[1:].to_csv(tsv, sep="\t", index=False)
     m = bids.load_bids(tiny_bids)
-    with pytest.raises(BrainAgeInputError, match=r"sub-01.*missing age"):
+    with pytest.raises(
+        BrainAgeInputError,
+        match=r"participant 'sub-01': has an image but is not listed in .*participants\.tsv, "
+        r"so it has no age",
+    ):
         mf.validate_manifest(m)
 
 

@@ -34,6 +34,9 @@ CHROMIUM_FLAGS = (
     "--disable-dev-shm-usage",
     "--hide-scrollbars",
     "--mute-audio",
+    # software WebGL (SwiftShader through ANGLE), so that NiiVue's WebGL2 canvas draws
+    "--use-angle=swiftshader",
+    "--enable-unsafe-swiftshader",
 )
 
 

@@ -85,3 +85,40 @@ def save_with_raw_affine(path: Path, data: np.ndarray, affine: np.ndarray) -> Pa
     hdr["qform_code"] = 0
     nib.save(nib.Nifti1Image(img.dataobj, None, header=hdr), path)
     return path
+
+
+def make_longitudinal_bids(
+    root: Path,
+    n: int = 2,
+    sessions: tuple[str, ...] = ("01", "02"),
+    *,
+    years_between: float = 2.5,
+    sessions_tsv: bool = True,
+) -> Path:
+    """A BIDS folder of ``n`` subjects scanned at every session, with per-session ages.
+
+    ``participants.tsv`` holds the age at the first session; ``sub-X_sessions.tsv`` the
+    age at each session (``years_between`` apart). Returns the root.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    ids = [f"sub-{k + 1:02d}" for k in range(n)]
+    baseline = [50.0 + 7.0 * k for k in range(n)]
+    pd.DataFrame({"participant_id": ids, "age": baseline, "sex": "F"}).to_csv(
+        root / "participants.tsv", sep="\t", index=False
+    )
+    (root / "dataset_description.json").write_text(
+        json.dumps({"Name": "longitudinal", "BIDSVersion": "1.8.0"})
+    )
+    for k, pid in enumerate(ids):
+        for j, ses in enumerate(sessions):
+            anat = root / pid / f"ses-{ses}" / "anat"
+            anat.mkdir(parents=True, exist_ok=True)
+            nib.save(make_image(100 * k + j), anat / f"{pid}_ses-{ses}_T1w.nii.gz")
+        if sessions_tsv:
+            pd.DataFrame(
+                {
+                    "session_id": [f"ses-{s}" for s in sessions],
+                    "age": [baseline[k] + years_between * j for j in range(len(sessions))],
+                }
+            ).to_csv(root / pid / f"{pid}_sessions.tsv", sep="\t", index=False)
+    return root

@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import nbformat
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from helpers.book import PAGE_REPORT_JS, Chromium, broken_internal_links, find_chromium
@@ -257,3 +260,121 @@ def test_math_and_hidden_solutions_in_headless_chromium(quick_book):
     assert len(solutions) == 4
     assert all(s["hidden"] for s in solutions), "solutions must be hidden until clicked"
     assert all(s["text"] < 120 for s in solutions), "a solution's body is visible"
+
+
+@pytest.mark.slow
+def test_quick_run_derivatives_are_indexed_by_pybids(quick_run):
+    from bids import BIDSLayout
+
+    layout = BIDSLayout(quick_run / "derivatives", validate=False, is_derivative=True)
+    resolution = str(load_config("quick")["data"]["resolution"])
+    subject_maps = layout.get(desc="noiseimportance", suffix="map", extension=".nii.gz")
+    n_test = len(pd.read_csv(quick_run / "tables" / "subject_maps.csv"))
+    assert n_test > 0 and len(subject_maps) == n_test
+    for f in subject_maps:
+        ent = f.get_entities()
+        assert ent["space"] == "MNI152NLin2009cSym" and ent["res"] == resolution
+        assert ent["datatype"] == "anat" and f.get_metadata()["Method"] == "noise"
+    group = {f.entities["desc"] for f in layout.get(suffix="map", extension=".nii.gz")
+             if "subject" not in f.entities}
+    assert "noiseimportancePopulation" in group
+    assert any(d.startswith("noiseimportanceAge") for d in group)
+    assert {"saliencyMean", "integratedGradientsMean"} <= group
+
+
+#: Waits for every NiiVue viewer of the page; returns their state and canvas rectangles.
+NIIVUE_REPORT_JS = r"""
+(async () => {
+  const sleep = ms => new Promise(r => setTimeout(r, ms));
+  const viewers = Array.from(document.querySelectorAll('.brainage-niivue'));
+  for (let i = 0; i < 300 && viewers.some(v => v.dataset.state === 'loading'); i++)
+    await sleep(100);
+  await sleep(300);
+  return viewers.map(v => ({state: v.dataset.state, volumes: +v.dataset.volumes,
+    maps: v.querySelector('.nv-map').options.length, truth: v.dataset.truth || null,
+    status: v.querySelector('.nv-status').textContent}));
+})()
+"""
+
+#: Scrolls viewer ``i`` into view and returns its canvas rectangle in the viewport.
+CANVAS_RECT_JS = """
+((i) => { const c = document.querySelectorAll('.brainage-niivue canvas')[i];
+  c.scrollIntoView({block: 'center'}); const r = c.getBoundingClientRect();
+  return [r.left, r.top, r.width, r.height]; })(%d)
+"""
+
+
+def _page_errors(browser: Chromium) -> list[str]:
+    """Uncaught exceptions and console.error messages of the current page."""
+    messages = [f"exception: {e}" for e in browser.exceptions()]
+    for event in browser.events:
+        params = event.get("params", {})
+        if (event.get("method") == "Runtime.consoleAPICalled"
+                and event.get("sessionId") == browser.session and params.get("type") == "error"):
+            text = " ".join(str(a.get("value", a.get("description", ""))) for a in params["args"])
+            messages.append(f"console.error: {text}")
+    return messages
+
+
+def _canvas_pixels(png: Path, rect) -> dict[str, float]:
+    """Share of non-black and of warm-coloured (overlay) pixels inside the canvas."""
+    from PIL import Image
+
+    left, top, width, height = (int(round(v)) for v in rect)
+    img = np.asarray(Image.open(png).convert("RGB"), dtype=int)
+    crop = img[max(top, 0):top + height, max(left, 0):left + width]
+    r, g, b = crop[..., 0], crop[..., 1], crop[..., 2]
+    return {"lit": float(((r + g + b) > 60).mean()),
+            "warm": float(((r > b + 80) & (r > 120)).mean()),
+            "green": float(((g > r + 60) & (g > b + 60)).mean())}
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_niivue_viewers_draw_in_headless_chromium(quick_book):
+    """The NiiVue viewers of the visualise and comparison pages draw with software WebGL."""
+    assert (quick_book / "_static" / "niivue" / "niivue.umd.js").is_file(), \
+        "NiiVue was not vendored into the book (see the run status page)"
+    ARTIFACTS.mkdir(exist_ok=True)
+    results = {}
+    with Chromium(CHROMIUM) as browser:
+        # The book's theme logs errors of its own on every page (a Thebe variable declared
+        # twice, a theme-mode message): those of a page without a viewer are the baseline.
+        browser.open((quick_book / "notebooks" / "02_train.html").as_uri())
+        time.sleep(1.0)
+        baseline = set(_page_errors(browser))
+        for name in ("05_visualise", "06_compare_methods"):
+            browser.open((quick_book / "notebooks" / f"{name}.html").as_uri())
+            report = browser.evaluate(NIIVUE_REPORT_JS)
+            assert len(report) == 1, f"{name}: {len(report)} NiiVue viewers"
+            viewer = report[0]
+            assert viewer["state"] == "ready", f"{name}: {viewer['status']}"
+            # template + each map of the menu + the planted truth (synthetic cohort)
+            assert viewer["volumes"] == 1 + viewer["maps"] + 1
+            assert viewer["maps"] >= (2 if name == "05_visualise" else 4)
+            rect = browser.evaluate(CANVAS_RECT_JS % 0)
+            before = browser.screenshot(ARTIFACTS / f"niivue_{name}.png")
+            # toggle the truth overlay, pick the last map of the menu
+            browser.evaluate(
+                "(() => { const v = document.querySelector('.brainage-niivue');"
+                " const t = v.querySelector('.nv-truth'); t.checked = true;"
+                " t.dispatchEvent(new Event('change'));"
+                " const s = v.querySelector('.nv-map'); s.value = String(s.options.length - 1);"
+                " s.dispatchEvent(new Event('change')); })()")
+            time.sleep(1.0)
+            after = browser.screenshot(ARTIFACTS / f"niivue_{name}_truth.png")
+            state = browser.evaluate(NIIVUE_REPORT_JS)[0]
+            errors = _page_errors(browser)
+            results[name] = {"viewer": viewer, "after": state,
+                             "errors": [e for e in errors if e not in baseline],
+                             "theme_errors": [e for e in errors if e in baseline],
+                             "before": _canvas_pixels(before, rect),
+                             "truth": _canvas_pixels(after, rect)}
+    (ARTIFACTS / "niivue_report.json").write_text(json.dumps(results, indent=1, default=str))
+    for name, res in results.items():
+        assert not res["errors"], f"{name}: console errors: {res['errors']}"
+        assert res["after"]["truth"] == "shown"
+        assert res["before"]["lit"] > 0.1, f"{name}: the canvas is blank: {res['before']}"
+        assert res["before"]["warm"] > 0.002, f"{name}: no map overlay drawn: {res['before']}"
+        assert res["before"]["green"] < 0.001 < res["truth"]["green"], \
+            f"{name}: the truth overlay did not appear: {res}"

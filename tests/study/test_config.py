@@ -117,7 +117,8 @@ def test_section_validators_reject_unknown_keys():
     """Sections owned by other modules are checked by the module that declares them."""
     from brainage_core.study.config import SECTION_VALIDATORS
 
-    assert set(SECTION_VALIDATORS) == {"data", "data.synthetic", "prediction", "maps"}
+    assert set(SECTION_VALIDATORS) == {"data", "data.synthetic", "data.bids", "prediction",
+                                       "maps"}
     for section in SECTION_VALIDATORS:
         key = f"{section}.no_such_knob"
         with pytest.raises(BrainAgeInputError, match=f"config section '{section}'"):

@@ -22,6 +22,8 @@ class SourceRequest:
         ``data.cache_dir``, resolved: where generated or downloaded data may be kept.
     synthetic : mapping
         ``data.synthetic``: the generator's settings (synthetic source only).
+    bids : mapping
+        ``data.bids``: which sessions and runs of a BIDS folder enter (BIDS source only).
     n_jobs : int
         Worker processes allowed.
     progress : bool
@@ -31,6 +33,7 @@ class SourceRequest:
     path: str | None
     cache_dir: Path
     synthetic: Mapping[str, Any] = field(default_factory=dict)
+    bids: Mapping[str, Any] = field(default_factory=dict)
     n_jobs: int = 1
     progress: bool = True
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import pandas as pd
 
-from brainage_core.data.cache import file_lock
+from brainage_core._utils.locks import file_lock
 from brainage_core.data.sources.base import DataSource, SourceRequest
-from brainage_core.data.sources.bids import load_bids
+from brainage_core.data.sources.bids import BIDS_INDEX_DIR, load_bids
 
 
 def ensure_synthetic_cohort(
@@ -60,7 +60,7 @@ def ensure_synthetic_cohort(
     if (final / "dataset_description.json").is_file():
         return final
     out_root.mkdir(parents=True, exist_ok=True)
-    with file_lock(out_root / f"{key}.lock"):
+    with file_lock(out_root / f"{key}.lock", what="this synthetic cohort"):
         if (final / "dataset_description.json").is_file():
             return final
         partial = out_root / f"{key}.partial"
@@ -93,7 +93,7 @@ def _manifest(request: SourceRequest) -> pd.DataFrame:
         n_jobs=request.n_jobs,
         progress=request.progress,
     )
-    return load_bids(root)
+    return load_bids(root, database_dir=request.cache_dir / BIDS_INDEX_DIR)
 
 
 SOURCE = DataSource(

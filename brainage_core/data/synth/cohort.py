@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import os
@@ -17,11 +16,17 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from brainage_core import __version__
-from brainage_core._utils.io import save_nifti, write_json, write_table
+from brainage_core._utils.io import (
+    remove_temporary_files,
+    save_nifti,
+    write_json,
+    write_table,
+)
 from brainage_core._utils.validation import (
     BrainAgeInputError,
     check_positive,
 )
+from brainage_core._utils.workers import process_pool
 from brainage_core.data.atlas import ATLAS_NAME
 from brainage_core.data.synth.ages import (
     PARTICIPANT_COLUMNS,
@@ -125,6 +130,7 @@ def generate_cohort(
     participants = draw_participants(config)
 
     out.mkdir(parents=True, exist_ok=True)
+    remove_temporary_files(out)  # left by an interrupted run that is now resumed
     write_json(out / "dataset_description.json", _dataset_description(config, oracle))
     regional = [regional_age_column(k) for k in range(len(config.effects))]
     write_table(out / "participants.tsv", participants[list(PARTICIPANT_COLUMNS)])
@@ -155,9 +161,8 @@ def generate_cohort(
                 bar.update()
         else:
             chunk = max(1, min(8, len(subjects) // (4 * n_jobs)))
-            with concurrent.futures.ProcessPoolExecutor(
-                max_workers=n_jobs, initializer=_init_worker, initargs=(renderer,)
-            ) as pool:
+            # Workers die with this process, even on SIGKILL (see _utils.workers).
+            with process_pool(n_jobs, initializer=_init_worker, initargs=(renderer,)) as pool:
                 for _ in pool.map(_write_in_worker, subjects, chunksize=chunk):
                     bar.update()
     return out
