@@ -118,6 +118,102 @@ def faithfulness(
     return shifts
 
 
+def budget_faithfulness(
+    predictor: nn.Module,
+    images: Any,
+    importance: Any,
+    budget: Any,
+    perturb: Any,
+    brain: Any = None,
+    *,
+    n_draws: int = 4,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """Like-for-like faithfulness: the learned noise budget, kept and moved around.
+
+    The noise levels ``budget`` (for example the noise model's ``B`` of each image) are
+    kept as a set of values and placed three ways inside the brain: by the map (the most
+    important voxel gets the lowest ``B``, the least important the highest: for the noise
+    model's own map ``1 - B`` this is ``B`` itself), randomly permuted, and rank-inverted
+    (the most important voxel gets the highest ``B``). The same perturbation the maps were
+    trained with is applied, so the test runs in the regime of the objective. A faithful
+    map protects the prediction: ``learned < permuted < inverted``.
+
+    Parameters
+    ----------
+    predictor : torch.nn.Module
+        Model mapping ``(N, 1, X, Y, Z)`` to ``(N,)`` (frozen here).
+    images : array-like of shape (N, 1, X, Y, Z)
+        Images that were explained.
+    importance : array-like shaped like ``images``
+        Their importance maps (any method).
+    budget : array-like shaped like ``images``
+        Noise levels in [0, 1] whose values are placed (per image).
+    perturb : callable
+        ``perturb(x, b, generator) -> x~``, for example
+        :meth:`brainage_core.explain.noise.objective.NoiseObjective.perturb`.
+    brain : array-like of bool or None, default=None
+        Brain mask; values are moved only within it.
+    n_draws : int, default=4
+        Noise draws (and random permutations) averaged.
+    seed : int, default=0
+        Seeds the draws and the permutations.
+    batch_size : int, default=8
+        Images per forward pass.
+
+    Returns
+    -------
+    dict
+        Mean ``|f(x~) - f(x)|`` in years for ``"learned"``, ``"permuted"`` and
+        ``"inverted"``, and the ratios ``"learned_ratio"`` and ``"inverted_ratio"``
+        (each over ``"permuted"``).
+    """
+    check_positive("n_draws", n_draws, integer=True)
+    x, imp, voxels = _prepare(images, importance, brain)
+    bud = torch.as_tensor(budget, dtype=torch.float32).reshape(x.shape)
+    n = x.shape[0]
+    rng = np.random.default_rng(seed)
+    placed = {"learned": [], "inverted": []}
+    for i in range(n):
+        values = np.sort(bud[i].reshape(-1)[voxels].numpy())  # ascending B
+        by_importance = voxels[np.argsort(-imp[i].reshape(-1)[voxels].numpy(), kind="stable")]
+        for name, vals in (("learned", values), ("inverted", values[::-1])):
+            b = torch.zeros(x[i].numel())
+            b[torch.from_numpy(by_importance)] = torch.from_numpy(vals.copy())
+            placed[name].append(b.reshape(x.shape[1:]))
+    maps = {k: torch.stack(v) for k, v in placed.items()}
+    device = model_device(predictor)
+    shifts = {"learned": 0.0, "permuted": 0.0, "inverted": 0.0}
+    with frozen(predictor):
+        clean = _predict(predictor, x, batch_size)
+        for draw in range(n_draws):
+            permuted = torch.zeros_like(bud)
+            for i in range(n):
+                flat = permuted[i].reshape(-1)
+                values = bud[i].reshape(-1)[voxels]
+                flat[torch.from_numpy(voxels)] = values[
+                    torch.from_numpy(rng.permutation(voxels.size))
+                ]
+            for name, b in (*maps.items(), ("permuted", permuted)):
+                gen = torch.Generator(device=device).manual_seed(seed * 1000 + draw)
+                preds = []
+                for xs, bs in zip(
+                    torch.split(x, batch_size), torch.split(b, batch_size), strict=True
+                ):
+                    with torch.no_grad():
+                        xt = perturb(xs.to(device), bs.to(device), gen)
+                        preds.append(predict_batch(predictor, xt).cpu())
+                shifts[name] += float((torch.cat(preds) - clean).abs().mean()) / n_draws
+    shifts["learned_ratio"] = (
+        shifts["learned"] / shifts["permuted"] if shifts["permuted"] else float("nan")
+    )
+    shifts["inverted_ratio"] = (
+        shifts["inverted"] / shifts["permuted"] if shifts["permuted"] else float("nan")
+    )
+    return shifts
+
+
 def deletion_curve(
     predictor: nn.Module,
     images: Any,
@@ -125,13 +221,26 @@ def deletion_curve(
     brain: Any = None,
     *,
     steps: int = 10,
-    baseline: float = 0.0,
+    reference: Any = 0.0,
+    insertion: bool = False,
     batch_size: int = 8,
 ) -> pd.DataFrame:
-    """Regression deletion curve: remove the most important voxels first.
+    """Regression deletion (or insertion) curve, most important voxels first.
 
-    At each of ``steps + 1`` fractions from 0 to 1, the top fraction of each image's brain
-    voxels (by importance) is set to ``baseline`` and ``|f(x_deleted) - f(x)|`` recorded.
+    Deletion: at each of ``steps + 1`` fractions from 0 to 1, the top fraction of each
+    image's brain voxels (by importance) is replaced by ``reference`` and
+    ``|f(x_deleted) - f(x)|`` recorded (a faithful map makes it rise early).
+    Insertion: the image starts as ``reference`` inside the brain and the top fraction of
+    voxels gets its own values back (a faithful map makes the change fall early).
+
+    Parameters
+    ----------
+    reference : float or array-like shaped like ``images`` (or one image), default=0.0
+        What a deleted voxel becomes: use the reference image of the perturbation (the
+        training mean, a blurred copy). 0 is the CSF intensity of the study's images, so
+        deleting CSF toward 0 deletes nothing; 0 is kept only as the first version's column.
+    insertion : bool, default=False
+        Compute the insertion curve instead.
 
     Returns
     -------
@@ -143,6 +252,8 @@ def deletion_curve(
     x, imp, voxels = _prepare(images, importance, brain)
     n = x.shape[0]
     flat = x.reshape(n, -1)
+    ref = torch.as_tensor(reference, dtype=torch.float32)
+    ref = (ref * torch.ones_like(x) if ref.ndim == 0 else ref.expand_as(x)).reshape(n, -1)
     orders = [
         voxels[np.argsort(-imp[i].reshape(-1)[voxels].numpy(), kind="stable")] for i in range(n)
     ]
@@ -152,10 +263,16 @@ def deletion_curve(
         clean = _predict(predictor, x, batch_size)
         for frac in fractions:
             k = int(round(frac * voxels.size))
-            deleted = flat.clone()
+            if insertion:
+                changed = flat.clone()
+                changed[:, torch.from_numpy(voxels)] = ref[:, torch.from_numpy(voxels)]
+                source = flat
+            else:
+                changed, source = flat.clone(), ref
             for i in range(n):
-                deleted[i, torch.from_numpy(orders[i][:k])] = baseline
-            pred = _predict(predictor, deleted.reshape(x.shape), batch_size)
+                idx = torch.from_numpy(orders[i][:k])
+                changed[i, idx] = source[i, idx]
+            pred = _predict(predictor, changed.reshape(x.shape), batch_size)
             rows.append({"fraction": float(frac), "change": float((pred - clean).abs().mean())})
     return pd.DataFrame(rows)
 
@@ -163,8 +280,9 @@ def deletion_curve(
 def deletion_auc(curve: pd.DataFrame) -> float:
     """Area under a :func:`deletion_curve` (trapezoid rule, in years).
 
-    Higher is better: a faithful map makes the prediction move as soon as its top voxels
-    are removed. Compare areas only between maps of the same images and predictor.
+    For deletion, higher is better: a faithful map makes the prediction move as soon as
+    its top voxels are removed; for insertion, lower is better. Compare areas only
+    between maps of the same images and predictor.
     """
     frac = curve["fraction"].to_numpy(dtype=float)
     change = curve["change"].to_numpy(dtype=float)

@@ -34,10 +34,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from brainage_core._utils.docs import fill_doc
-from brainage_core.study import average, explain, maps
+from brainage_core._utils.io import write_table
+from brainage_core.study import average, compare, explain, maps
 from brainage_core.study.config import load_config
 from brainage_core.study.maps import MapsConfig
 from brainage_core.study.rundir import RunDir
@@ -101,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-planted cohort to check as well (default: putamen)",
     )
     p.add_argument("--skip-default", action="store_true", help="only run the re-planted cohort")
+    p.add_argument(
+        "--perturbations",
+        default="additive,replace_mean",
+        help="comma-separated perturbations, each scored with its own noise models "
+        "(default: additive,replace_mean)",
+    )
+    p.add_argument(
+        "--seeds", default="0,1", help="comma-separated noise-model seeds (default: 0,1)"
+    )
+    p.add_argument(
+        "--convergence-steps",
+        default="25,50,100,200",
+        help="step budgets of the per-subject convergence table (default: 25,50,100,200)",
+    )
     p.add_argument("--out", default=None, help="folder of the run folders and results.json")
     return p
 
@@ -138,15 +154,36 @@ def run(args: Any = None) -> dict[str, Any]:
         config = load_config(opts.preset, overrides=cohort_overrides)
         config["name"] = f"bench-{name}"
         print(f"== {name} cohort", flush=True)
-        results[name] = run_cohort(config, out / name)
+        results[name] = run_cohort(
+            config,
+            out / name,
+            perturbations=[p for p in opts.perturbations.split(",") if p],
+            seeds=[int(v) for v in opts.seeds.split(",") if v],
+            convergence_steps=[int(v) for v in opts.convergence_steps.split(",") if v],
+        )
         _print_figures(name, results[name])
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(f"run folders and results.json in {out}")
+    write_table(out / "table.csv", table(results))
+    print(f"run folders, results.json and table.csv in {out}")
     return results
 
 
-def run_cohort(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """Train the predictor and the noise model of one cohort; score the population map."""
+def run_cohort(
+    config: dict[str, Any],
+    run_dir: Path,
+    *,
+    perturbations: Sequence[str] = ("additive", "replace_mean"),
+    seeds: Sequence[int] = (0, 1),
+    convergence_steps: Sequence[int] = (25, 50, 100, 200),
+) -> dict[str, Any]:
+    """Train the predictor of one cohort, then one noise model per perturbation and seed.
+
+    Every noise model gets its own run folder ``<run_dir>/<perturbation>-seed<k>`` (the
+    predictor, the cohort, the ground truth and the reliance measurement are shared). For
+    each, the population map of the amortised mode and the comparison subjects' maps of
+    both modes are scored alike (:func:`brainage_core.study.average.score_map`), with the
+    like-for-like faithfulness; the model-free ceiling map is scored once.
+    """
     from brainage_core.data.cohort import load_cohort
     from brainage_core.models.evaluation import predict
     from brainage_core.models.training import TrainConfig, cohort_datasets, train_predictor
@@ -169,21 +206,38 @@ def run_cohort(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     ages = cohort.table["age"].to_numpy()
     test_mae = float(abs(preds[test] - ages[test]).mean())
 
-    settings = MapsConfig.from_dict(config.get("maps"), seed=config.get("seed", 0))
-    if settings.num_threads is not None:
-        torch.set_num_threads(settings.num_threads)
-    study = maps.MapsStudy(
-        run=run, config=config, settings=settings, cohort=cohort, predictor=model
+    base = MapsConfig.from_dict(config.get("maps"), seed=config.get("seed", 0))
+    if base.num_threads is not None:
+        torch.set_num_threads(base.num_threads)
+    shared = maps.MapsStudy(
+        run=run, config=config, settings=base, cohort=cohort, predictor=model
     )
-    fit = explain.fit_noise_model(study)
-    t2 = time.perf_counter()
-    explain.write_subject_maps(study, fit.explainer)
-    maps_seconds = time.perf_counter() - t2
-    timing = explain.time_methods(study, fit.explainer).set_index("method")["ms_per_subject"]
-    population = average.population_maps(study)
-    scores = average.score_population(study, population)
-    truth = maps.load_truth(study)
-    reliance = average.model_reliance(study)
+    truth = maps.load_truth(shared)
+    shared.truth = truth
+    reliance = average.model_reliance(shared)
+    reliance_section = run.read_metrics().get("reliance")
+    ceiling = average.score_ceiling(shared)
+    variants: dict[str, Any] = {}
+    for perturbation in perturbations:
+        for seed in seeds:
+            name = f"{perturbation}-seed{seed}"
+            print(f"-- noise model {name}", flush=True)
+            section = {**(config.get("maps") or {}), "perturbation": perturbation, "seed": seed}
+            settings = MapsConfig.from_dict(section, seed=seed)
+            vrun = RunDir(run_dir / name)
+            vconfig = {**config, "maps": settings.to_dict()}
+            vrun.write_config(vconfig)
+            if reliance_section:
+                vrun.update_metrics("reliance", reliance_section)
+            study = maps.MapsStudy(
+                run=vrun,
+                config=vconfig,
+                settings=settings,
+                cohort=cohort,
+                predictor=model,
+                truth=truth,
+            )
+            variants[name] = _run_variant(study, perturbation, seed, convergence_steps)
     return {
         "n_subjects": len(cohort),
         "grid": list(cohort.images.shape[1:]),
@@ -192,57 +246,167 @@ def run_cohort(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         "predictor_seconds": predictor_seconds,
         "predictor_test_mae": test_mae,
         "oracle_mae": cohort.metadata.get("oracle_mae"),
-        "lam": fit.explainer.noise.lam,
-        "noise_train_seconds": fit.train_seconds,
-        "maps_seconds": maps_seconds,
-        "ms_per_subject_amortised": float(timing.get(maps.NOISE, float("nan"))),
-        "ms_per_subject_per_subject_mode": float(
-            timing.get(maps.NOISE_PER_SUBJECT, float("nan"))
-        ),
-        "localisation_auroc": scores.get("localisation_auroc"),
-        "localisation_auroc_by_effect": scores.get("localisation_auroc_by_effect"),
         "reliance_share": (
             None
             if reliance is None
             else {r.kind: r.share for r in reliance.itertuples() if r.kind != "all"}
         ),
-        "relevance_mass": scores.get("relevance_mass"),
-        "relevance_mass_uniform": scores.get("relevance_mass_uniform"),
-        "planted_top": scores.get("planted_top"),
-        "planted_precision_at_k": scores.get("planted_precision_at_k"),
-        "planted_ranks": scores.get("planted_ranks"),
         "planted_regions": truth.regions if truth else None,
-        "top_regions": list(population.table["name"].head(10)),
-        "deletion_auc": scores.get("deletion_auc"),
+        "ceiling": _plain(ceiling),
+        "variants": variants,
         "run_dir": str(run.root),
     }
 
 
+def _run_variant(
+    study: Any, perturbation: str, seed: int, convergence_steps: Sequence[int]
+) -> dict[str, Any]:
+    """Fit, explain and score one noise model (one perturbation, one seed)."""
+    fit = explain.fit_noise_model(study)
+    t2 = time.perf_counter()
+    explain.write_subject_maps(study, fit.explainer)
+    maps_seconds = time.perf_counter() - t2
+    timing = explain.time_methods(study, fit.explainer).set_index("method")["ms_per_subject"]
+    population = average.population_maps(study)
+    scores = average.score_population(study, population)
+    table, _, _ = compare.compare_methods(study, fit.explainer, methods=[], progress=False)
+    rows = table.set_index("method")
+    convergence = compare.per_subject_convergence(
+        study, fit.explainer, steps=tuple(convergence_steps)
+    )
+    modes = {}
+    for mode, method in (("amortised", maps.NOISE), ("per_subject", maps.NOISE_PER_SUBJECT)):
+        row = rows.loc[method]
+        modes[mode] = {
+            "comparison_subjects": _plain(row.to_dict()),
+            "ms_per_subject": float(timing.get(method, float("nan"))),
+        }
+    amortised_ms = modes["amortised"]["ms_per_subject"]
+    return {
+        "perturbation": perturbation,
+        "seed": seed,
+        "lam": fit.explainer.noise.lam,
+        "best_epoch": fit.explainer.best_epoch,
+        "noise_train_seconds": fit.train_seconds,
+        "maps_seconds": maps_seconds,
+        "population": _plain(scores),
+        "top_regions": list(population.table["name"].head(10)),
+        "modes": modes,
+        "speedup": modes["per_subject"]["ms_per_subject"] / amortised_ms if amortised_ms else None,
+        "per_subject_convergence": convergence.to_dict(orient="records"),
+        "run_dir": str(study.run.root),
+    }
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready copy (numpy scalars to floats, NaN kept)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, str):
+        return value.item()
+    return value
+
+
+def table(results: dict[str, Any]) -> pd.DataFrame:
+    """One row per cohort, perturbation, seed and mode: the figures of the targets.
+
+    The amortised mode is scored on its population map (all test subjects) and, like the
+    per-subject mode, on the comparison subjects (``*_compare`` columns); faithfulness is
+    the like-for-like test on the comparison subjects. The ceiling map's figures sit in
+    the ``ceiling`` rows.
+    """
+    rows = []
+    for cohort, f in results.items():
+        c = f.get("ceiling") or {}
+        rows.append(
+            {
+                "cohort": cohort,
+                "perturbation": "-",
+                "seed": "-",
+                "mode": "ceiling |corr(x, age)|",
+                **_scores(c),
+            }
+        )
+        for v in f["variants"].values():
+            for mode, m in v["modes"].items():
+                comp = m["comparison_subjects"]
+                source = v["population"] if mode == "amortised" else comp
+                rows.append(
+                    {
+                        "cohort": cohort,
+                        "perturbation": v["perturbation"],
+                        "seed": v["seed"],
+                        "mode": mode,
+                        **_scores(source),
+                        "auroc_compare": comp.get("localisation_auroc"),
+                        "learned_y": comp.get("budget_shift_learned"),
+                        "permuted_y": comp.get("budget_shift_permuted"),
+                        "inverted_y": comp.get("budget_shift_inverted"),
+                        "learned/permuted": comp.get("budget_shift_learned_ratio"),
+                        "inverted/permuted": comp.get("budget_shift_inverted_ratio"),
+                        "deletion_auc": comp.get("deletion_auc"),
+                        "insertion_auc": comp.get("insertion_auc"),
+                        "ms": m["ms_per_subject"],
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def _scores(s: dict[str, Any]) -> dict[str, Any]:
+    by_effect = s.get("localisation_auroc_by_effect") or {
+        k[len("auroc_") :]: v for k, v in s.items() if k.startswith("auroc_")
+    }
+    return {
+        "auroc": s.get("localisation_auroc"),
+        "auroc_core": s.get("localisation_auroc_core"),
+        "depth_matched": s.get("localisation_auroc_depth_matched"),
+        "rank_corr": s.get("rank_correlation"),
+        "reliance_weighted": s.get("localisation_auroc_reliance_weighted"),
+        "mass_core": s.get("relevance_mass_core"),
+        **{f"auroc_{k}": v for k, v in by_effect.items()},
+        "planted_in_top3": s.get("planted_in_top3"),
+    }
+
+
 def _print_figures(name: str, f: dict[str, Any]) -> None:
-    auroc = f["localisation_auroc"]
     goal = GOALS["localisation_auroc"]
-    lines = [
-        f"cohort                      {name}: {f['n_subjects']} subjects, "
-        f"{f['resolution_mm']} mm grid {f['grid']}",
-        f"predictor test MAE          {f['predictor_test_mae']:.2f} y "
-        f"(oracle {f['oracle_mae'] if f['oracle_mae'] is None else round(f['oracle_mae'], 2)})",
-        f"localisation AUROC          {auroc:.3f}  (goal >= {goal}: "
-        f"{'met' if auroc is not None and auroc >= goal else 'NOT met'})",
-        *(
-            f"  AUROC of {kind:<22}{value:.3f}  (the model's reliance on it: "
-            f"{(f.get('reliance_share') or {}).get(kind, float('nan')):.0%})"
-            for kind, value in (f.get("localisation_auroc_by_effect") or {}).items()
-        ),
-        f"relevance mass              {f['relevance_mass']:.3f}  "
-        f"(uniform map: {f['relevance_mass_uniform']:.3f})",
-        f"planted regions on top      {f['planted_top']}  "
-        f"(precision at k: {f['planted_precision_at_k']:.2f})",
-        f"top regions                 {', '.join(f['top_regions'][:5])}",
-        f"ms per subject              amortised {f['ms_per_subject_amortised']:.1f}, "
-        f"per-subject optimisation {f['ms_per_subject_per_subject_mode']:.1f}",
-        f"noise-model training        {f['noise_train_seconds']:.1f} s (lambda {f['lam']:g})",
-    ]
-    print("\n".join(lines), flush=True)
+    print(
+        f"cohort {name}: {f['n_subjects']} subjects, {f['resolution_mm']} mm grid {f['grid']}; "
+        f"predictor test MAE {f['predictor_test_mae']:.2f} y (oracle "
+        f"{f['oracle_mae'] if f['oracle_mae'] is None else round(f['oracle_mae'], 2)}); "
+        f"reliance {f.get('reliance_share')}",
+        flush=True,
+    )
+    t = table({name: f})
+    with pd.option_context("display.width", 250, "display.max_columns", 40):
+        print(t.drop(columns=["cohort"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    c = f.get("ceiling") or {}
+    print(
+        f"targets: population AUROC >= {goal} and above the ceiling "
+        f"({c.get('localisation_auroc', float('nan')):.3f}); learned <= 0.5 x permuted, "
+        f"inverted >= 1.5 x permuted; depth-matched within 0.05 of plain; per-subject AUROC "
+        f">= 0.80; per-subject / amortised time >= 50; re-planted: planted in top 3 "
+        f"(coverage share {c.get('region_coverage')}: {c.get('planted_regions_coverage')})"
+    )
+    for key, v in f["variants"].items():
+        conv = pd.DataFrame(v["per_subject_convergence"])
+        print(
+            f"{key}: lambda {v['lam']:g}, best epoch {v['best_epoch']}, noise model "
+            f"{v['noise_train_seconds']:.0f} s, per-subject/amortised time "
+            f"{v['speedup'] or float('nan'):.0f}x; top regions {', '.join(v['top_regions'][:4])}"
+        )
+        if not conv.empty:
+            print(
+                "   per-subject convergence: "
+                + "; ".join(
+                    f"{r.steps} steps (ran {r.steps_run}): objective {r.objective:.2f}, "
+                    f"mean B {r.mean_b:.2f}, AUROC {r.localisation_auroc:.3f}"
+                    for r in conv.itertuples()
+                )
+            )
+    sys.stdout.flush()
 
 
 def _parse(args: Any) -> argparse.Namespace:

@@ -30,6 +30,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from brainage_core._utils.io import save_nifti, write_json, write_table
@@ -300,10 +301,10 @@ def time_methods(
     indices = study.indices("test", n)
     if len(indices) == 0:
         return pd.DataFrame(columns=["method", "ms_per_subject", "n_subjects"])
-    per_subject = per_subject_explainer(study, explainer)
+    images = study.images(indices)
+    per_subject = per_subject_explainer(study, explainer, images)
     rows = []
     for name, method in ((NOISE, explainer), (NOISE_PER_SUBJECT, per_subject)):
-        images = study.images(indices)
         method.attribute(images[:1])  # warm-up (allocations, lazy initialisation)
         start = time.perf_counter()
         for i in range(len(indices)):
@@ -314,12 +315,32 @@ def time_methods(
     return pd.DataFrame(rows)
 
 
-def per_subject_explainer(study: MapsStudy, explainer: NoiseMapExplainer) -> PerSubjectNoiseMap:
+def per_subject_explainer(
+    study: MapsStudy, explainer: NoiseMapExplainer, images: torch.Tensor | None = None
+) -> PerSubjectNoiseMap:
+    """The per-subject mode with the amortised model's settings and operating point.
+
+    It shares the amortised model's :class:`NoiseSettings` (the perturbation included) and
+    reference image. With ``maps.per_subject_match_mean_b`` and ``images``, the
+    per-subject maps are held at the amortised model's mean B on those images, so both
+    modes spend the same budget.
+    """
     s = study.settings
+    mean_b = None
+    if s.per_subject_match_mean_b and images is not None:
+        mask = torch.as_tensor(study.cohort.mask, dtype=torch.float32)
+        b = explainer.noise_level(images)[:, 0]
+        mean_b = float(((b * mask).flatten(1).sum(1) / mask.sum()).mean())
+        mean_b = min(max(mean_b, 0.01), 0.99)
     return PerSubjectNoiseMap(
         study.predictor,
         explainer.noise,
         mask=study.cohort.mask,
+        reference=explainer.reference,
         steps=s.per_subject_steps,
         lr=s.per_subject_lr,
+        coarse=s.per_subject_coarse,
+        fixed_noise=s.per_subject_fixed_noise,
+        mean_b=mean_b,
+        patience=s.per_subject_patience,
     )

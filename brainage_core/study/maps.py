@@ -29,6 +29,9 @@ from brainage_core.study.rundir import RunDir
 #: Names of the methods in tables and in ``metrics.json``.
 NOISE = "noise"
 NOISE_PER_SUBJECT = "noise_per_subject"
+#: The model-free ceiling map |corr(intensity, age)| over the training split.
+CEILING = "ceiling_age_correlation"
+CEILING_MAP = "ceiling_age_correlation.nii.gz"
 
 
 
@@ -42,7 +45,8 @@ class MapsConfig:
         The noise model's objective, declared in
         :class:`~brainage_core.explain.noise.settings.NoiseSettings`. In the config its
         fields are keys of the ``maps`` section itself: ``maps.lam`` (used as is unless
-        ``calibrate`` is true), ``maps.s_min``, ``maps.s_max``, ``maps.target`` and
+        ``calibrate`` is true), ``maps.s_min``, ``maps.s_max``, ``maps.target``,
+        ``maps.perturbation``, ``maps.noise_sd``, ``maps.blur_sigma``, ``maps.loss`` and
         ``maps.seed`` (None or absent: the study's top-level ``seed``).
     channels, depth : int, default=8, 2
         Width and depth of the U-Net noise model.
@@ -58,15 +62,29 @@ class MapsConfig:
     num_threads : int or None, default=None
         Torch CPU threads of the map steps (None: leave torch's setting).
     calibrate : bool, default=False
-        Pick lambda with :func:`brainage_core.calibration.calibrate_lambda` before training.
+        Pick lambda with
+        :func:`brainage_core.explain.noise.calibration.calibrate_lambda` before training.
     lambdas : list of float, default=[0.1, 0.3, 1, 3, 10, 30]
         Candidates of the calibration.
     tolerance : float, default=1.0
-        Allowed rise (years) of the validation MAE on noised images.
+        Allowed mean shift ``|f(x~) - f(x)|`` (years) of the predictor on perturbed
+        validation images.
     calibration_epochs : int, default=3
-        Epochs per candidate lambda (warm-started from the previous candidate).
+        Epochs per candidate lambda (each from the same initial weights).
     per_subject_steps, per_subject_lr : default=100, 0.1
-        Optimisation of the per-subject (meaningful-perturbation style) maps.
+        Optimisation of the per-subject (meaningful-perturbation style) maps: most steps,
+        Adam learning rate.
+    per_subject_coarse : int, default=2
+        The per-subject logits live on a grid this many times coarser (upsampled).
+    per_subject_fixed_noise : bool, default=True
+        One noise draw for all steps (a deterministic objective).
+    per_subject_match_mean_b : bool, default=True
+        Hold the per-subject maps at the amortised model's mean B (its operating point
+        on the explained images) instead of the paper's regulariser.
+    per_subject_patience : int, default=20
+        Stopping rule: steps without an improvement of the objective by 0.01 y.
+    faithfulness_draws : int, default=4
+        Noise draws averaged in the like-for-like faithfulness test.
     timing_subjects : int, default=3
         Subjects on which the amortised and per-subject modes are timed.
     age_band_width : float, default=10
@@ -87,7 +105,15 @@ class MapsConfig:
     deletion_steps : int, default=10
         Points of the deletion curve.
     faithfulness_fraction : float, default=0.5
-        Share of brain voxels noised in the faithfulness comparison.
+        Share of brain voxels noised in the fixed-noise faithfulness column (the first
+        version's test: noise of ``s_max`` on that share, a harsher regime than the maps
+        were trained for).
+    weak_tail : float, default=0.05
+        Truth voxels whose planted intensity change is below this are left out of the
+        core scores (neither planted nor unplanted).
+    region_coverage : float, default=0.5
+        A region counts as planted when at least this share of its voxels is in the
+        truth (coverage-based region truth).
     reliance_subjects : int, default=16
         Test subjects re-rendered to measure the predictor's reliance on each planted
         effect (synthetic cohorts only; see :mod:`brainage_core.reliance`; 0 skips it).
@@ -115,6 +141,13 @@ class MapsConfig:
     calibration_epochs: int = 3
     per_subject_steps: int = 100
     per_subject_lr: float = 0.1
+    per_subject_coarse: int = 2
+    per_subject_fixed_noise: bool = True
+    per_subject_match_mean_b: bool = True
+    per_subject_patience: int = 20
+    faithfulness_draws: int = 4
+    weak_tail: float = 0.05
+    region_coverage: float = 0.5
     timing_subjects: int = 3
     age_band_width: float = 10.0
     age_band_min_subjects: int = 3
@@ -131,6 +164,13 @@ class MapsConfig:
 
     def __post_init__(self) -> None:
         check_positive("maps.tolerance", self.tolerance, allow_zero=True)
+        check_positive("maps.weak_tail", self.weak_tail, allow_zero=True)
+        check_fraction("maps.region_coverage", self.region_coverage, allow_one=True)
+        for name in ("per_subject_fixed_noise", "per_subject_match_mean_b"):
+            if not isinstance(getattr(self, name), bool):
+                raise BrainAgeInputError(
+                    f"'maps.{name}' must be true or false; {getattr(self, name)!r} was provided."
+                )
         for name in ("lr", "per_subject_lr", "age_band_width", "reliance_delta"):
             check_positive(f"maps.{name}", getattr(self, name))
         for name in ("max_train_subjects", "max_val_subjects", "num_threads"):
@@ -152,6 +192,9 @@ class MapsConfig:
             "compare_subjects",
             "deletion_steps",
             "reliance_subjects",
+            "per_subject_coarse",
+            "per_subject_patience",
+            "faithfulness_draws",
         ):
             check_positive(
                 f"maps.{name}",
@@ -201,7 +244,7 @@ class MapsConfig:
         noise = {k: d.pop(k) for k in noise_keys if k in d}
         if noise.get("seed") is None:
             noise["seed"] = 0 if seed is None else seed
-        for name in ("lam", "s_min", "s_max"):
+        for name in ("lam", "s_min", "s_max", "noise_sd", "blur_sigma"):
             if isinstance(noise.get(name), int) and not isinstance(noise.get(name), bool):
                 noise[name] = float(noise[name])
         d["noise"] = NoiseSettings.from_dict(noise, prefix="maps.")
@@ -368,7 +411,7 @@ def load_truth(study: MapsStudy) -> GridTruth | None:
     """
     if study.truth is not None:
         return study.truth
-    return truth_on_cohort_grid(study.cohort)
+    return truth_on_cohort_grid(study.cohort, weak_tail=study.settings.weak_tail)
 
 
 def check_predictor_learned(run: RunDir, settings: MapsConfig) -> None:

@@ -10,10 +10,20 @@ import torch
 from helpers.maps import RegionPredictor, make_data
 
 from brainage_core._utils.validation import BrainAgeInputError
-from brainage_core.analysis.faithfulness import deletion_auc, deletion_curve, faithfulness
+from brainage_core.analysis.faithfulness import (
+    budget_faithfulness,
+    deletion_auc,
+    deletion_curve,
+    faithfulness,
+)
 from brainage_core.analysis.localisation import (
+    age_correlation_map,
+    core_truth,
+    coverage_regions,
     localisation_auroc,
+    planted_in_top,
     planted_ranks,
+    rank_correlation,
     relevance_mass,
     truth_on_grid,
 )
@@ -133,3 +143,102 @@ def test_depth_matched_auroc_is_blind_to_a_depth_gradient():
     assert table["mean_importance"].is_monotonic_increasing
     assert table["planted_fraction"].iloc[-1] > 0.4 and table["planted_fraction"].iloc[2] == 0
     assert np.isnan(table["auroc_within"].iloc[2])  # no planted voxel at depth 3
+
+
+# -- like-for-like faithfulness, deletion toward a reference, truth variants, ceiling --------
+def _replace_mean(reference, brain):
+    from brainage_core.explain.noise.perturbations import PerturbationParams, replace_mean
+
+    mask = torch.as_tensor(brain, dtype=torch.float32)[None, None]
+
+    def perturb(x, b, generator):
+        return replace_mean(x, b, mask, reference, PerturbationParams(), generator)
+
+    return perturb
+
+
+def test_budget_faithfulness_orders_learned_permuted_inverted():
+    data = make_data(12, seed=3)
+    predictor = RegionPredictor(data.truth)
+    x = data.images[:6]
+    reference = data.images.mean(0, keepdim=True)
+    # a budget spread over [0, 1]; the correct map puts its lowest values on the region
+    # the predictor reads (1/8 of the brain), the permuted map ~0.5 there, inverted ~0.94
+    b = np.random.default_rng(0).random(data.truth.shape) * data.brain
+    budget = torch.as_tensor(b, dtype=torch.float32)[None, None].expand_as(x).clone()
+    correct = torch.as_tensor(data.truth, dtype=torch.float32)[None, None].expand_as(x)
+    correct = correct + 0.01 * torch.rand(x.shape, generator=torch.Generator().manual_seed(1))
+    shifts = budget_faithfulness(
+        predictor, x, correct, budget, _replace_mean(reference, data.brain), data.brain, n_draws=3
+    )
+    assert shifts["learned"] < 0.5 * shifts["permuted"]
+    assert shifts["inverted"] > 1.5 * shifts["permuted"]
+    assert shifts["learned_ratio"] == pytest.approx(shifts["learned"] / shifts["permuted"])
+    # any method's map is scored on the same budget: an inverted map swaps the two ends
+    swapped = budget_faithfulness(
+        predictor, x, -correct, budget, _replace_mean(reference, data.brain), data.brain, n_draws=3
+    )
+    assert swapped["learned"] == pytest.approx(shifts["inverted"], rel=1e-5)
+    assert swapped["inverted"] == pytest.approx(shifts["learned"], rel=1e-5)
+
+
+def test_deletion_and_insertion_toward_a_reference(data):
+    predictor = RegionPredictor(data.truth)
+    x = data.images[:2]
+    imp = torch.as_tensor(data.truth, dtype=torch.float32)[None, None].expand_as(x)
+    # deleting toward the image itself deletes nothing
+    same = deletion_curve(predictor, x, imp, data.brain, steps=4, reference=x)
+    assert same["change"].abs().max() < 1e-4
+    reference = torch.full((1, 1, *x.shape[2:]), 0.5)
+    deletion = deletion_curve(predictor, x, imp, data.brain, steps=4, reference=reference)
+    insertion = deletion_curve(
+        predictor, x, imp, data.brain, steps=4, reference=reference, insertion=True
+    )
+    # the region read is the top 1/8 of the brain: deleting it first moves the prediction
+    # at the first step; inserting it first restores the prediction at the first step
+    assert deletion["change"].iloc[1] > 1.0
+    assert insertion["change"].iloc[0] > 1.0
+    assert insertion["change"].iloc[1] < 1e-3
+    assert insertion["change"].iloc[-1] < 1e-4
+
+
+def test_core_truth_and_rank_correlation():
+    truth = np.zeros((6, 6, 6), bool)
+    truth[1:5, 1:5, 1:5] = True
+    strength = np.where(truth, 0.2, 0.0)
+    strength[1, 1:5, 1:5] = 0.01  # a weak tail
+    positives, scored = core_truth(truth, strength, 0.05)
+    assert positives.sum() == 48 and (~scored).sum() == 16
+    assert not (positives & ~scored).any()
+    assert rank_correlation(strength, strength) == pytest.approx(1.0)
+    assert rank_correlation(-strength, strength) == pytest.approx(-1.0)
+    with pytest.raises(BrainAgeInputError, match="'strength'"):
+        core_truth(truth, strength[:3], 0.05)
+
+
+def test_age_correlation_map_finds_the_planted_region():
+    data = make_data(40, seed=5)
+    ceiling = age_correlation_map(data.images[:, 0].numpy(), data.ages.numpy(), data.brain, chunk=7)
+    assert localisation_auroc(ceiling, data.truth, data.brain) > 0.99
+    assert ceiling.min() >= 0 and ceiling.max() <= 1
+    assert ceiling[data.truth].mean() > 0.9
+    with pytest.raises(BrainAgeInputError, match="same number"):
+        age_correlation_map(data.images[:, 0].numpy(), data.ages.numpy()[:5])
+
+
+def test_coverage_regions_and_planted_in_top():
+    from helpers.maps import make_atlas
+
+    atlas = make_atlas()
+    atlas.names[1], atlas.names[2] = "Left Thing", "Right Thing"
+    truth = np.isin(atlas.labels, [1, 2])
+    truth[atlas.labels == 3] = (
+        np.arange((atlas.labels == 3).sum()) < 0.3 * (atlas.labels == 3).sum()
+    )
+    regions = coverage_regions(truth, atlas, share=0.5)
+    assert list(regions) == ["Thing"]  # merged hemispheres, the 30 % region left out
+    assert coverage_regions(truth, atlas, share=0.25)["Region C"] == pytest.approx(0.3, abs=0.02)
+    table = pd.DataFrame({"rank": [1, 2, 3, 4], "name": ["A", "Thing", "B", "C"]})
+    assert planted_in_top(table, ["Thing"], 3)["all_in_top"]
+    assert not planted_in_top(table, ["Thing", "C"], 3)["all_in_top"]
+    assert planted_in_top(table, ["Missing"], 3)["ranks"] == {"Missing": None}

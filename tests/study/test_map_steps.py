@@ -104,12 +104,24 @@ def test_steps_write_maps_tables_and_metrics(tmp_path, cohort):
     assert metrics["regions"]["top"][0] == regions["name"].iloc[0]
 
     table, curves, mean_maps = compare.compare_methods(study, fit.explainer, progress=False)
-    assert list(table["method"]) == ["noise", "noise_per_subject", "saliency"]
+    assert list(table["method"]) == ["noise", "noise_per_subject", "saliency", maps.CEILING]
     assert set(curves["method"]) == set(table["method"])
+    assert set(curves["kind"]) == {"deletion", "insertion"}
     assert (study.run.tables / "method_comparison.csv").is_file()
     assert mean_maps["saliency"].shape == prepared.mask.shape
-    noise_row = table.set_index("method").loc["noise"]
-    assert noise_row["shift_map"] < noise_row["shift_inverted"]
+    rows = table.set_index("method")
+    noise_row = rows.loc["noise"]
+    # like for like: the learned budget protects the prediction better than moved around
+    assert noise_row["budget_shift_learned"] < noise_row["budget_shift_permuted"]
+    assert noise_row["budget_shift_permuted"] < noise_row["budget_shift_inverted"]
+    assert noise_row["fixed_noise_shift_map"] < noise_row["fixed_noise_shift_inverted"]
+    # the model-free ceiling map finds the planted region from the data alone
+    assert rows.loc[maps.CEILING, "localisation_auroc"] > 0.9
+    assert (study.run.maps / maps.CEILING_MAP).is_file()
+    # the per-subject mode ran at the amortised model's operating point and stopped
+    per_subject = rows.loc["noise_per_subject"]
+    assert 0 < per_subject["per_subject_mean_b_target"] < 1
+    assert per_subject["per_subject_steps_run"] <= study.settings.per_subject_steps
     assert "saliency" in study.run.read_metrics()["maps"]
 
 

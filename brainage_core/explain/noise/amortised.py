@@ -56,8 +56,8 @@ from brainage_core.explain.noise.objective import (
     check_inputs,
     epoch_generator,
     split_item,
+    task_loss,
 )
-from brainage_core.explain.noise.perturbations import perturb
 from brainage_core.explain.noise.settings import NoiseSettings
 from brainage_core.models.unet import UNet3D
 
@@ -112,13 +112,14 @@ class NoiseMapExplainer(NoiseObjective):
         settings: NoiseSettings | None = None,
         *,
         mask: Any = None,
+        reference: Any = None,
         channels: int = 8,
         depth: int = 2,
         downsample: int = 1,
         init_bias: float = 0.0,
         **noise: Any,
     ) -> None:
-        super().__init__(predictor, settings, mask=mask, **noise)
+        super().__init__(predictor, settings, mask=mask, reference=reference, **noise)
         self.channels = int(channels)
         self.depth = int(depth)
         self.downsample = int(check_positive("downsample", downsample, integer=True))
@@ -131,6 +132,9 @@ class NoiseMapExplainer(NoiseObjective):
         self.noise_model.to(self.device)
         self._history: list[dict[str, float]] = []
         self.epochs_trained = 0
+        #: Epoch (1-based) whose weights are kept: the best validation objective.
+        self.best_epoch: int | None = None
+        self._best: tuple[float, int, dict[str, torch.Tensor]] | None = None
 
     # -- settings -------------------------------------------------------------------------
     def network(self) -> dict[str, Any]:
@@ -219,6 +223,7 @@ class NoiseMapExplainer(NoiseObjective):
         optimiser = torch.optim.Adam(self.noise_model.parameters(), lr=lr)
         if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
             self._load_checkpoint(checkpoint_path, optimiser)
+        self.set_reference(train_set)
         bar = tqdm(
             range(self.epochs_trained, epochs),
             total=epochs,
@@ -234,6 +239,9 @@ class NoiseMapExplainer(NoiseObjective):
                 if val_set is not None:
                     val = self.evaluate(val_set, batch_size=batch_size, seed_offset=epoch)
                     row.update({f"val_{k}": v for k, v in val.items()})
+                    row["val_objective"] = val["task"] + self.noise.lam * val["reg"]
+                    if self._best is None or row["val_objective"] <= self._best[0]:
+                        self._best = (row["val_objective"], epoch + 1, self._state())
                 row["seconds"] = time.perf_counter() - start
                 row["epoch"] = epoch + 1
                 self._history.append(row)
@@ -242,8 +250,17 @@ class NoiseMapExplainer(NoiseObjective):
                 if checkpoint_path is not None:
                     self.save(checkpoint_path, optimiser=optimiser)
         bar.close()
+        if self._best is not None:
+            # keep the epoch with the best validation objective, not the last one
+            self.noise_model.load_state_dict(self._best[2])
+            self.best_epoch = self._best[1]
+            if checkpoint_path is not None:
+                self.save(checkpoint_path, optimiser=optimiser)
         self.noise_model.eval()
         return self
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.noise_model.state_dict().items()}
 
     def _train_epoch(
         self, dataset: Dataset, optimiser: torch.optim.Optimizer, epoch: int, batch_size: int
@@ -321,13 +338,14 @@ class NoiseMapExplainer(NoiseObjective):
         dict
             ``task``: mean ``|f(x~) - target|``; ``shift``: mean ``|f(x~) - f(x)|``;
             ``clean_mae`` and ``noisy_mae`` against the true age (NaN without ages);
-            ``mean_b`` and ``mean_sigma`` (mean noise standard deviation in the brain).
+            ``mean_b``, ``mean_sigma`` (mean noise standard deviation in the brain, for the
+            additive perturbation) and ``reg`` (the regulariser ``-mean log B``).
         """
         dataset = as_dataset(data)
         was_training = self.noise_model.training
         self.noise_model.eval()
         sums = dict.fromkeys(
-            ["task", "shift", "clean_mae", "noisy_mae", "mean_b", "mean_sigma"], 0.0
+            ["task", "shift", "clean_mae", "noisy_mae", "mean_b", "mean_sigma", "reg"], 0.0
         )
         count = 0
         gen = epoch_generator(self.noise.seed, 10_000 + seed_offset, 2, self.device)
@@ -336,19 +354,21 @@ class NoiseMapExplainer(NoiseObjective):
                 x, ages = split_item(batch)
                 x, ages = x.to(self.device), ages.to(self.device)
                 clean = predict_batch(self.predictor, x)
-                targets = clean if self.noise.target == "prediction" else ages
-                b = torch.sigmoid(self._logits(x))
+                targets = clean if self.noise.target == "prediction" else self._targets(x, ages)
+                logits = self._logits(x)
+                b = torch.sigmoid(logits)
                 mask = self._brain_mask(tuple(x.shape[2:]))
                 for _ in range(n_draws):
-                    noisy = predict_batch(
-                        self.predictor, perturb(x, b, mask, self.noise.s_min, self.noise.s_max, gen)
-                    )
-                    sums["task"] += float((noisy - targets).abs().sum()) / n_draws
+                    noisy = predict_batch(self.predictor, self.perturb(x, b, gen))
+                    task = task_loss(noisy - targets, self.noise.loss)
+                    sums["task"] += float(task.sum()) / n_draws
                     sums["shift"] += float((noisy - clean).abs().sum()) / n_draws
                     sums["noisy_mae"] += float((noisy - ages).abs().sum()) / n_draws
                 sums["clean_mae"] += float((clean - ages).abs().sum())
                 mean_b = (b * mask).flatten(1).sum(1) / mask.sum()
                 sums["mean_b"] += float(mean_b.sum())
+                reg = -(F.logsigmoid(logits) * mask).flatten(1).sum(1) / mask.sum()
+                sums["reg"] += float(reg.sum())
                 s_min, s_max = self.noise.s_min, self.noise.s_max
                 sums["mean_sigma"] += float((s_min + mean_b * (s_max - s_min)).sum())
                 count += x.shape[0]
@@ -367,7 +387,18 @@ class NoiseMapExplainer(NoiseObjective):
             "state_dict": {k: v.detach().cpu() for k, v in self.noise_model.state_dict().items()},
             "optimizer": None if optimiser is None else optimiser.state_dict(),
             "epochs_trained": self.epochs_trained,
+            "best_epoch": self.best_epoch,
+            "best": (
+                None
+                if self._best is None
+                else {
+                    "objective": self._best[0],
+                    "epoch": self._best[1],
+                    "state_dict": self._best[2],
+                }
+            ),
             "history": self._history,
+            "reference": None if self.reference is None else self.reference.detach().cpu(),
         }
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
@@ -394,10 +425,17 @@ class NoiseMapExplainer(NoiseObjective):
         """
         state = read_checkpoint(path)
         settings = NoiseSettings.from_dict(state["settings"]["noise"])
-        explainer = cls(predictor, settings, mask=mask, **state["settings"]["network"])
+        explainer = cls(
+            predictor,
+            settings,
+            mask=mask,
+            reference=state.get("reference"),
+            **state["settings"]["network"],
+        )
         explainer.noise_model.load_state_dict(state["state_dict"])
         explainer.noise_model.eval()
         explainer.epochs_trained = int(state["epochs_trained"])
+        explainer.best_epoch = state.get("best_epoch")
         explainer._history = list(state["history"])
         return explainer
 
@@ -414,6 +452,12 @@ class NoiseMapExplainer(NoiseObjective):
             optimiser.load_state_dict(state["optimizer"])
         self.epochs_trained = int(state["epochs_trained"])
         self._history = list(state["history"])
+        if state.get("reference") is not None:
+            self.reference = state["reference"].to(self.device)
+        self.best_epoch = state.get("best_epoch")
+        best = state.get("best")
+        if best is not None:
+            self._best = (float(best["objective"]), int(best["epoch"]), best["state_dict"])
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -1,12 +1,14 @@
-"""Choosing lambda: the most noise the predictor tolerates.
+"""Choosing lambda: the most perturbation the predictor tolerates.
 
-The weight lambda of the noise term sets how much noise the noise model may add. Too
+The weight lambda of the noise term sets how much the noise model may perturb. Too
 small, and B stays low everywhere (the map says everything matters); too large, and the
-noise destroys the prediction (the map no longer describes the model at work).
-:func:`calibrate_lambda` trains one noise model per candidate lambda and keeps the largest
-lambda for which the predictor's MAE on noised *validation* images rises by no more than
-``tolerance`` years over its clean MAE. The whole MAE–noise trade-off curve is returned, so
-it can be shown and reported.
+perturbation destroys the prediction (the map no longer describes the model at work).
+:func:`calibrate_lambda` trains one noise model per candidate lambda, each from the same
+initial weights, and keeps the largest lambda for which the predictor's mean shift
+``|f(x~) - f(x)|`` on perturbed *validation* images stays within ``tolerance`` years. The
+shift is what lambda controls; the MAE against the true age mixes in the model's own
+error (noise can move a wrong prediction toward the truth), so it is only reported. The
+whole trade-off curve is returned, so it can be shown and reported.
 """
 
 from __future__ import annotations
@@ -66,22 +68,23 @@ def calibrate_lambda(
     explainer_kwargs: dict[str, Any] | None = None,
     fit_kwargs: dict[str, Any] | None = None,
     n_draws: int = 2,
-    warm_start: bool = True,
+    warm_start: bool = False,
     progress: bool = True,
 ) -> CalibrationResult:
-    """Pick the largest lambda whose noised validation MAE stays within ``tolerance``.
+    """Pick the largest lambda whose validation shift stays within ``tolerance``.
 
     Parameters
     ----------
     predictor : torch.nn.Module
         The trained (frozen) predictor.
     train_data, val_data : Dataset or torch.Tensor or tuple
-        Training and validation images with ages (see
-        :func:`brainage_core.explain.noise.objective.as_dataset`); validation ages are required.
+        Training and validation images (see
+        :func:`brainage_core.explain.noise.objective.as_dataset`); with validation ages the
+        curve also reports the MAEs (NaN without).
     lambdas : sequence of float, default=DEFAULT_LAMBDAS
         Candidate values, tried in increasing order.
     tolerance : float, default=1.0
-        Allowed rise, in years, of the validation MAE on noised images over the clean MAE.
+        Allowed mean shift ``|f(x~) - f(x)|``, in years, on perturbed validation images.
     settings : NoiseSettings or None, default=None
         The objective of every candidate, with its ``lam`` replaced by the candidate's;
         None takes the defaults.
@@ -94,17 +97,19 @@ def calibrate_lambda(
         (``epochs``, ``batch_size``, ``lr``).
     n_draws : int, default=2
         Noise draws per validation image when measuring the noised MAE.
-    warm_start : bool, default=True
-        Start each candidate's noise model from the previous (smaller) lambda's weights,
-        which lets a few epochs per candidate suffice.
+    warm_start : bool, default=False
+        Start each candidate's noise model from the previous (smaller) lambda's weights.
+        By default every candidate starts from the same initial weights, so candidates
+        differ only by lambda.
     progress : bool, default=True
         Show a tqdm progress bar over the candidates.
 
     Returns
     -------
     CalibrationResult
-        The chosen lambda, the trade-off curve and the trained explainer. If no candidate
-        meets the tolerance, the smallest lambda is returned with a warning.
+        The chosen lambda, the trade-off curve and the trained explainer (its
+        best-validation epoch). If no candidate meets the tolerance, the smallest lambda
+        is returned with a warning.
     """
     check_positive("tolerance", tolerance, allow_zero=True)
     check_positive("n_draws", n_draws, integer=True)
@@ -123,17 +128,14 @@ def calibrate_lambda(
     train_set = as_dataset(train_data, "train_data")
     rows: list[dict[str, float]] = []
     states: list[dict[str, torch.Tensor]] = []
+    references: list[torch.Tensor | None] = []
     previous: dict[str, torch.Tensor] | None = None
     for lam in tqdm(lams, desc="calibrating lambda", disable=None if progress else True):
         explainer = NoiseMapExplainer(predictor, replace(base, lam=lam), **explainer_kwargs)
         if warm_start and previous is not None:
             explainer.noise_model.load_state_dict(previous)
-        explainer.fit(train_set, **fit_kwargs)
+        explainer.fit(train_set, val_set, **fit_kwargs)
         figures = explainer.evaluate(val_set, n_draws=n_draws)
-        if torch.isnan(torch.tensor(figures["clean_mae"])):
-            raise BrainAgeInputError(
-                "'val_data' must carry true ages: the calibration compares MAEs."
-            )
         rows.append(
             {
                 "lam": lam,
@@ -147,19 +149,22 @@ def calibrate_lambda(
         )
         previous = {k: v.detach().clone() for k, v in explainer.noise_model.state_dict().items()}
         states.append(previous)
+        references.append(explainer.reference)
     curve = pd.DataFrame(rows)
-    curve["within_tolerance"] = curve["mae_rise"] <= tolerance
+    curve["within_tolerance"] = curve["shift"] <= tolerance
     if curve["within_tolerance"].any():
         best = int(curve.index[curve["within_tolerance"]][-1])
     else:
         best = 0
         warnings.warn(
-            f"no lambda in {lams} keeps the validation MAE rise within {tolerance} years "
-            f"(smallest rise {curve['mae_rise'].min():.2f}); using the smallest lambda.",
+            f"no lambda in {lams} keeps the validation shift within {tolerance} years "
+            f"(smallest shift {curve['shift'].min():.2f}); using the smallest lambda.",
             stacklevel=2,
         )
     curve["chosen"] = curve.index == best
-    chosen = NoiseMapExplainer(predictor, replace(base, lam=lams[best]), **explainer_kwargs)
+    chosen = NoiseMapExplainer(
+        predictor, replace(base, lam=lams[best]), reference=references[best], **explainer_kwargs
+    )
     chosen.noise_model.load_state_dict(states[best])
     chosen.noise_model.eval()
     return CalibrationResult(

@@ -15,8 +15,17 @@ from brainage_core._utils.torch import as_mask, model_device, predict_batch
 from brainage_core._utils.validation import (
     BrainAgeInputError,
 )
-from brainage_core.explain.noise.perturbations import perturb
+from brainage_core.explain.noise.perturbations import (
+    PerturbationParams,
+    get_perturbation,
+    mean_image,
+)
 from brainage_core.explain.noise.settings import NoiseSettings, resolve_settings
+
+
+def task_loss(diff: torch.Tensor, loss: str) -> torch.Tensor:
+    """``|diff|`` ("l1") or ``diff**2`` ("l2"), element-wise."""
+    return diff.abs() if loss == "l1" else diff.square()
 
 
 def as_dataset(data: Any, name: str = "data") -> Dataset:
@@ -80,6 +89,11 @@ class NoiseObjective:
         arguments ``**noise`` (``lam=``, ``s_min=``, ``s_max=``, ``target=``, ``seed=``),
         or takes the defaults.
     %(mask)s
+    reference : array-like or None, default=None
+        The training-mean image (shaped like one image). "replace_mean" moves voxels
+        toward it; the other perturbations keep it as the reference of deletion and
+        insertion curves. None: computed from the training data by
+        :meth:`set_reference` (the amortised model's ``fit`` does it).
     """
 
     def __init__(
@@ -88,6 +102,7 @@ class NoiseObjective:
         settings: NoiseSettings | None = None,
         *,
         mask: Any = None,
+        reference: Any = None,
         **noise: Any,
     ) -> None:
         if not isinstance(predictor, nn.Module):
@@ -96,9 +111,46 @@ class NoiseObjective:
             )
         self.predictor = predictor
         self.noise = resolve_settings(settings, noise)
+        self._perturb = get_perturbation(self.noise.perturbation)
+        self.params = PerturbationParams(
+            s_min=self.noise.s_min,
+            s_max=self.noise.s_max,
+            noise_sd=self.noise.noise_sd,
+            blur_sigma=self.noise.blur_sigma,
+        )
         self.device = model_device(predictor)
         self._mask_input = mask
         self._mask: torch.Tensor | None = None
+        self.reference: torch.Tensor | None = (
+            None
+            if reference is None
+            else torch.as_tensor(reference, dtype=torch.float32)
+            .reshape(1, 1, *np.shape(reference)[-3:])
+            .to(self.device)
+        )
+
+    def set_reference(self, data: Any) -> None:
+        """Compute the training-mean image from ``data`` (unless one is set)."""
+        if self.reference is None:
+            self.reference = mean_image(as_dataset(data)).to(self.device)
+
+    def perturb(
+        self, x: torch.Tensor, b: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Apply the settings' perturbation with noise levels ``b`` inside the brain."""
+        mask = self._brain_mask(tuple(x.shape[2:]))
+        return self._perturb(x, b, mask, self.reference, self.params, generator)
+
+    def reference_image(self, x: torch.Tensor) -> torch.Tensor:
+        """What ``B = 1`` moves ``x`` toward (noise-free; ``x`` itself for additive noise).
+
+        Deletion and insertion curves replace voxels by this image.
+        """
+        mask = self._brain_mask(tuple(x.shape[2:]))
+        if self.noise.perturbation == "additive":
+            return x
+        params = PerturbationParams(noise_sd=0.0, blur_sigma=self.noise.blur_sigma)
+        return self._perturb(x, torch.ones_like(x), mask, self.reference, params, None)
 
     def _brain_mask(self, shape: tuple[int, ...]) -> torch.Tensor:
         if self._mask is None or tuple(self._mask.shape[2:]) != tuple(shape):
@@ -126,8 +178,8 @@ class NoiseObjective:
         """Per-image task loss, per-image regulariser and B; summed by the caller."""
         mask = self._brain_mask(tuple(x.shape[2:]))
         b = torch.sigmoid(logits)
-        x_noisy = perturb(x, b, mask, self.noise.s_min, self.noise.s_max, generator)
-        task = (predict_batch(self.predictor, x_noisy) - targets).abs()
+        x_noisy = self.perturb(x, b, generator)
+        task = task_loss(predict_batch(self.predictor, x_noisy) - targets, self.noise.loss)
         log_b = F.logsigmoid(logits)
         reg = -(log_b * mask).flatten(1).sum(1) / mask.sum()
         return task, reg, b

@@ -14,18 +14,25 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from brainage_core._utils.validation import BrainAgeInputError, check_choice, check_positive
+from brainage_core.explain.noise.perturbations import PERTURBATIONS
 
 #: What the noisy prediction is compared with: the model's own clean prediction (explains
 #: the model), or the chronological age (the paper's choice; mixes model error in).
 TARGETS = ("prediction", "age")
+
+#: The task loss: ``|f(x~) - t|`` ("l1") or ``(f(x~) - t)**2`` ("l2").
+LOSSES = ("l1", "l2")
 
 
 @dataclass(frozen=True)
 class NoiseSettings:
     """The U-Noise objective adapted to regression.
 
-    The noisy input is ``x~ = x + eps * (s_min + B * (s_max - s_min))`` inside the brain
-    mask, and the noise model minimises ``|f(x~) - target| - lam * mean_brain(log B)``.
+    With the paper's perturbation (``perturbation="additive"``) the noisy input is
+    ``x~ = x + eps * (s_min + B * (s_max - s_min))`` inside the brain mask; the replacement
+    perturbations move voxels toward a reference image instead (see
+    :mod:`brainage_core.explain.noise.perturbations`). The noise model minimises
+    ``|f(x~) - target| - lam * mean_brain(log B)``.
 
     Attributes
     ----------
@@ -39,6 +46,17 @@ class NoiseSettings:
         collapses towards 0 everywhere.
     target : {"prediction", "age"}, default="prediction"
         What the noisy prediction is compared with (see :data:`TARGETS`).
+    perturbation : str, default="additive"
+        A name in :data:`~brainage_core.explain.noise.perturbations.PERTURBATIONS`:
+        "additive" is the paper's noise; "replace_mean" and "replace_blur" move voxels
+        toward the training-mean image or a blurred copy (they remove information).
+    noise_sd : float, default=0.0
+        Extra Gaussian noise at ``B = 1`` of the replacement perturbations (0: none, the
+        perturbation is deterministic).
+    blur_sigma : float, default=2.0
+        Blur of "replace_blur", in voxels.
+    loss : {"l1", "l2"}, default="l1"
+        Task loss (see :data:`LOSSES`).
     seed : int, default=0
         Seeds the noise model's initial weights, the data order and the noise draws.
     """
@@ -47,6 +65,10 @@ class NoiseSettings:
     s_min: float = 0.0
     s_max: float = 0.3
     target: str = "prediction"
+    perturbation: str = "additive"
+    noise_sd: float = 0.0
+    blur_sigma: float = 2.0
+    loss: str = "l1"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -60,6 +82,12 @@ class NoiseSettings:
                 f"'s_max' must be at least 's_min' ({self.s_min}); {self.s_max!r} was provided."
             )
         check_choice("target", self.target, TARGETS)
+        check_choice("perturbation", self.perturbation, tuple(PERTURBATIONS))
+        check_choice("loss", self.loss, LOSSES)
+        object.__setattr__(
+            self, "noise_sd", float(check_positive("noise_sd", self.noise_sd, allow_zero=True))
+        )
+        object.__setattr__(self, "blur_sigma", float(check_positive("blur_sigma", self.blur_sigma)))
         object.__setattr__(
             self, "seed", int(check_positive("seed", self.seed, integer=True, allow_zero=True))
         )
