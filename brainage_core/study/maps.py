@@ -58,7 +58,7 @@ class MapsConfig:
     num_threads : int or None, default=None
         Torch CPU threads of the map steps (None: leave torch's setting).
     calibrate : bool, default=False
-        Pick lambda with :func:`brainage_core.calibration.calibrate_lambda` before training.
+        Pick lambda with :func:`brainage_core.explain.noise.calibration.calibrate_lambda` before training.
     lambdas : list of float, default=[0.1, 0.3, 1, 3, 10, 30]
         Candidates of the calibration.
     tolerance : float, default=1.0
@@ -90,7 +90,7 @@ class MapsConfig:
         Share of brain voxels noised in the faithfulness comparison.
     reliance_subjects : int, default=16
         Test subjects re-rendered to measure the predictor's reliance on each planted
-        effect (synthetic cohorts only; see :mod:`brainage_core.reliance`; 0 skips it).
+        effect (synthetic cohorts only; see :mod:`brainage_core.analysis.reliance`; 0 skips it).
     reliance_delta : float, default=10.0
         Years by which each effect is aged in that measurement.
     allow_untrained_predictor : bool, default=False
