@@ -58,7 +58,8 @@ class MapsConfig:
     num_threads : int or None, default=None
         Torch CPU threads of the map steps (None: leave torch's setting).
     calibrate : bool, default=False
-        Pick lambda with :func:`brainage_core.explain.noise.calibration.calibrate_lambda` before training.
+        Pick lambda with
+        :func:`brainage_core.explain.noise.calibration.calibrate_lambda` before training.
     lambdas : list of float, default=[0.1, 0.3, 1, 3, 10, 30]
         Candidates of the calibration.
     tolerance : float, default=1.0
