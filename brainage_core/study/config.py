@@ -5,7 +5,7 @@ A configuration is a nested mapping with five top-level keys::
     name: quick            # becomes part of the run name
     seed: 0
     data: {...}            # data source, cache grid and the synthetic cohort
-    prediction: {...}      # the brain-age predictor (brainage_core.training.TrainConfig)
+    prediction: {...}      # the brain-age predictor (brainage_core.models.training.TrainConfig)
     maps: {...}            # the noise-model importance maps
 
 It is resolved in three layers, each overriding the one before: a preset shipped with the

@@ -116,7 +116,7 @@ class MapsConfig:
         truth (coverage-based region truth).
     reliance_subjects : int, default=16
         Test subjects re-rendered to measure the predictor's reliance on each planted
-        effect (synthetic cohorts only; see :mod:`brainage_core.reliance`; 0 skips it).
+        effect (synthetic cohorts only; see :mod:`brainage_core.analysis.reliance`; 0 skips it).
     reliance_delta : float, default=10.0
         Years by which each effect is aged in that measurement.
     allow_untrained_predictor : bool, default=False

@@ -168,7 +168,7 @@ def default_effects() -> list[AgeEffect]:
     """The default ageing: ventricles, hippocampi and frontal/insular/temporal cortex.
 
     The strengths are balanced so that a CNN trained on the default cohort relies on each
-    effect (measured with :mod:`brainage_core.reliance`: about 40 % ventricles, 20 %
+    effect (measured with :mod:`brainage_core.analysis.reliance`: about 40 % ventricles, 20 %
     hippocampi, 40 % cortex). With a stronger expansion (5 mm) the ventricles alone
     carried about 80 % of the prediction, and the cortex was close to invisible to it.
     """
@@ -330,7 +330,7 @@ class SynthConfig:
         """Build a config from a mapping (e.g. the ``data.synthetic`` section).
 
         Missing keys take their defaults; unknown keys raise a
-        :class:`~brainage_core._validation.BrainAgeInputError` naming them.
+        :class:`~brainage_core._utils.validation.BrainAgeInputError` naming them.
         """
         d = {} if d is None else d
         if not isinstance(d, Mapping):
