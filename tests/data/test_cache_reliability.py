@@ -149,7 +149,10 @@ def test_prepare_killed_20_times_at_random_moments(
         if out.exists():
             assert cache_files(_finish_prepare(bids40, out)) == reference
             assert not list(out.glob("*.partial")) and not list(out.rglob(".*.tmp*"))
-    assert cut >= 10 and cut_with_workers >= 5  # the kills did cut real work
+    # The kills did cut real work. How many land while the workers run depends on the
+    # machine's speed (1 to 8 of 20 in runs on an idle machine), so that count is only
+    # printed; a kill with the workers running is asserted by the fixed-point test above.
+    assert cut >= 10
     assert wait_gone(families, 0.1) and leftovers() == []  # nothing left of 20+ commands
     print(f"20 kills in {elapsed:.1f} s: {cut} cut a preparation ({cut_with_workers} with its "
           f"workers running), {len(folders)} cache folder(s); an uninterrupted prepare took "
