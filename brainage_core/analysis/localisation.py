@@ -83,6 +83,20 @@ def relevance_mass(importance: Any, truth: Any, brain: Any = None) -> float:
     return float(values[labels].sum() / total) if total > 0 else float("nan")
 
 
+def relevance_rank_accuracy(importance: Any, truth: Any, brain: Any = None) -> float:
+    """Share of the ``K`` most important brain voxels that are planted, ``K`` = planted count.
+
+    The relevance rank accuracy of Arras et al. (2022): 1 when the top ``K`` voxels are
+    exactly the planted ones; a random map scores the planted share of the brain.
+    """
+    values, labels = _brain_values(importance, truth, brain)
+    k = int(labels.sum())
+    if k == 0:
+        return float("nan")
+    top = np.argsort(-values, kind="stable")[:k]
+    return float(labels[top].mean())
+
+
 def planted_ranks(table: pd.DataFrame, planted: Sequence[str]) -> dict[str, Any]:
     """Where the planted regions sit in a region table.
 
@@ -393,8 +407,9 @@ def score_map(
     map's region table (:func:`brainage_core.analysis.regions.region_table`; None skips the
     planted ranks), ``brain`` the brain mask. Every method's map gets the same scores:
 
-    * ``localisation_auroc``, ``relevance_mass`` and ``localisation_auroc_depth_matched``
-      against the binary truth;
+    * ``localisation_auroc``, ``relevance_mass``, ``relevance_rank``
+      (:func:`relevance_rank_accuracy`) and ``localisation_auroc_depth_matched`` against
+      the binary truth;
     * ``localisation_auroc_core`` and ``relevance_mass_core``: the same with the weak
       smoothing tails left out (planted change below ``truth.weak_tail``);
     * ``rank_correlation``: Spearman correlation with the continuous truth;
@@ -413,6 +428,7 @@ def score_map(
         "localisation_auroc": localisation_auroc(importance, truth.mask, brain),
         "relevance_mass": relevance_mass(np.clip(importance, 0, None), truth.mask, brain),
         "relevance_mass_uniform": float(truth.mask[brain].mean()),
+        "relevance_rank": relevance_rank_accuracy(importance, truth.mask, brain),
         "localisation_auroc_depth_matched": depth_matched_auroc(importance, truth.mask, brain),
         "localisation_auroc_core": localisation_auroc(importance, positives, core_brain),
         "relevance_mass_core": relevance_mass(np.clip(importance, 0, None), positives, core_brain),

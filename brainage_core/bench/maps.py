@@ -14,12 +14,20 @@ subjects' maps and prints
 - milliseconds per subject, amortised (one forward pass) against per-subject optimisation;
 - the noise-model training time, and the predictor's test MAE.
 
+With ``--compare RUN_DIR`` it prints instead the comparison of every attribution method on
+a run folder (step 06, :func:`brainage_core.study.compare.compare_methods`): one row per
+method with AUROC and its bootstrap interval, depth-matched AUROC, relevance mass and
+rank, deletion / insertion / ROAD areas, the like-for-like ratio, the sanity check,
+robustness and milliseconds per subject, and where the noise maps stand against the goal.
+The table of the run is read when step 06 has written it, else computed.
+
 Every run lives in its own run folder (``--out``, default a temporary folder), so a second
 call with the same folder reuses the trained models.
 
 Usage::
 
     brainage-study bench maps [--preset default] [--replant putamen] [-p KEY VALUE]...
+    brainage-study bench maps --compare runs/default
     python -m brainage_core.bench.maps --n-subjects 400 --resolution 8 --replant occipital
 """
 
@@ -31,6 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="step budgets of the per-subject convergence table (default: 25,50,100,200)",
     )
     p.add_argument("--out", default=None, help="folder of the run folders and results.json")
+    p.add_argument(
+        "--compare",
+        metavar="RUN_DIR",
+        default=None,
+        help="print the comparison of every attribution method on this run folder (step 06; "
+        "computed when the run has no tables/method_comparison.csv) and stop",
+    )
     return p
 
 
@@ -135,6 +151,8 @@ def run(args: Any = None) -> dict[str, Any]:
         ``{"default": figures, "<replant>": figures}`` (see the module docstring).
     """
     opts = _parse(args)
+    if opts.compare:
+        return compare_run(opts.compare)
     out = Path(opts.out) if opts.out else Path(tempfile.mkdtemp(prefix="bench-maps-"))
     overrides: list[tuple[str, Any]] = [tuple(kv) for kv in opts.set]  # type: ignore[misc]
     if opts.n_subjects is not None:
@@ -269,7 +287,11 @@ def _run_variant(
     timing = explain.time_methods(study, fit.explainer).set_index("method")["ms_per_subject"]
     population = average.population_maps(study)
     scores = average.score_population(study, population)
-    table, _, _ = compare.compare_methods(study, fit.explainer, methods=[], progress=False)
+    # the noise maps only: the comparison of every method is --compare's (and step 06's)
+    lean = replace(study.settings, sanity_subjects=0, road_subjects=0, bootstrap=0)
+    table = compare.compare_methods(
+        replace(study, settings=lean), fit.explainer, methods=[], progress=False
+    ).scores
     rows = table.set_index("method")
     convergence = compare.per_subject_convergence(
         study, fit.explainer, steps=tuple(convergence_steps)
@@ -407,6 +429,34 @@ def _print_figures(name: str, f: dict[str, Any]) -> None:
                 )
             )
     sys.stdout.flush()
+
+
+def compare_run(run_dir: str | Path) -> dict[str, Any]:
+    """Print (and return) the comparison of every method on a run folder.
+
+    Reads ``tables/method_comparison.csv`` when step 06 has written it; otherwise runs
+    :func:`brainage_core.study.compare.compare_methods` on the run.
+    """
+    run = RunDir(run_dir)
+    path = run.table("method_comparison")
+    if path.is_file():
+        scores = pd.read_csv(path)
+        print(f"method comparison of {run.root} (from {path.name})", flush=True)
+    else:
+        print(f"method comparison of {run.root}: computing step 06", flush=True)
+        study = maps.MapsStudy.open(run.root, progress=False)
+        scores = compare.compare_methods(
+            study, explain.load_noise_model(study), progress=False
+        ).scores
+    summary = compare.summary_table(scores)
+    with pd.option_context("display.width", 250, "display.max_columns", 40):
+        print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    goal = compare.noise_goal(scores)
+    print("noise maps against the goal:")
+    for key, value in goal.items():
+        print(f"  {key}: {value}")
+    sys.stdout.flush()
+    return {"scores": _plain(summary.to_dict(orient="records")), "goal": _plain(goal)}
 
 
 def _parse(args: Any) -> argparse.Namespace:

@@ -316,14 +316,19 @@ def time_methods(
 
 
 def per_subject_explainer(
-    study: MapsStudy, explainer: NoiseMapExplainer, images: torch.Tensor | None = None
+    study: MapsStudy,
+    explainer: NoiseMapExplainer,
+    images: torch.Tensor | None = None,
+    *,
+    predictor: torch.nn.Module | None = None,
 ) -> PerSubjectNoiseMap:
     """The per-subject mode with the amortised model's settings and operating point.
 
     It shares the amortised model's :class:`NoiseSettings` (the perturbation included) and
     reference image. With ``maps.per_subject_match_mean_b`` and ``images``, the
     per-subject maps are held at the amortised model's mean B on those images, so both
-    modes spend the same budget.
+    modes spend the same budget. ``predictor`` replaces the study's predictor (the
+    sanity check explains randomised copies).
     """
     s = study.settings
     mean_b = None
@@ -333,7 +338,7 @@ def per_subject_explainer(
         mean_b = float(((b * mask).flatten(1).sum(1) / mask.sum()).mean())
         mean_b = min(max(mean_b, 0.01), 0.99)
     return PerSubjectNoiseMap(
-        study.predictor,
+        study.predictor if predictor is None else predictor,
         explainer.noise,
         mask=study.cohort.mask,
         reference=explainer.reference,

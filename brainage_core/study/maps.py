@@ -32,6 +32,10 @@ NOISE_PER_SUBJECT = "noise_per_subject"
 #: The model-free ceiling map |corr(intensity, age)| over the training split.
 CEILING = "ceiling_age_correlation"
 CEILING_MAP = "ceiling_age_correlation.nii.gz"
+#: The random map (the floor).
+RANDOM = "random"
+#: The reference maps: scored like the methods, but they look at no model.
+REFERENCES = (RANDOM, CEILING)
 
 
 
@@ -95,11 +99,34 @@ class MapsConfig:
         Regions with fewer voxels on the cohort's grid are left out of the region table.
     top_regions : int, default=10
         Length of the ranked list stored in ``metrics.json`` under ``regions.top``.
-    baselines : list of str, default=["saliency", "integrated_gradients"]
+    baselines : list of str, default=every name of ``CAPTUM_METHODS``
         captum methods compared with the noise maps (see
         :data:`brainage_core.explain.captum.CAPTUM_METHODS`).
-    ig_steps : int, default=16
+    ig_steps : int, default=50
         Integration steps of integrated gradients.
+    shap_samples : int, default=16
+        Noisy copies of SmoothGrad and samples of GradientShap.
+    occlusion_mm : float, default=40
+        Edge of the cubic occlusion window in mm (rounded to whole voxels of the grid).
+    sanity_subjects : int, default=2
+        Test subjects of the sanity check (cascading randomisation), of the robustness
+        test and of the ROAD curves' first images (0 skips the sanity check and the
+        robustness test).
+    sanity_threshold : float, default=0.5
+        A method fails the sanity check when its maps, with every layer of the predictor
+        randomised, keep at least this mean Spearman correlation with the trained
+        model's maps.
+    sanity_epochs, sanity_train_subjects : int, default=2, 32
+        The amortised noise model is refitted to each randomised predictor (and, for the
+        reference map, to the trained one) for this many epochs on this many training
+        subjects.
+    robustness_noise : float, default=0.02
+        Input noise of the robustness test, as a share of the intensity range.
+    road_subjects : int, default=2
+        Subjects of the ROAD curves (noisy linear imputation is the costly part).
+    bootstrap : int, default=200
+        Bootstrap resamples over subjects of the interval of each method's AUROC and of
+        the region ranks (0 skips them).
     compare_subjects : int, default=8
         Test subjects on which all methods are compared (and the per-subject mode run).
     deletion_steps : int, default=10
@@ -153,8 +180,17 @@ class MapsConfig:
     age_band_min_subjects: int = 3
     min_region_voxels: int = 3
     top_regions: int = 10
-    baselines: list[str] = field(default_factory=lambda: ["saliency", "integrated_gradients"])
-    ig_steps: int = 16
+    baselines: list[str] = field(default_factory=lambda: list(CAPTUM_METHODS))
+    ig_steps: int = 50
+    shap_samples: int = 16
+    occlusion_mm: float = 40.0
+    sanity_subjects: int = 2
+    sanity_threshold: float = 0.5
+    sanity_epochs: int = 2
+    sanity_train_subjects: int = 32
+    robustness_noise: float = 0.02
+    road_subjects: int = 2
+    bootstrap: int = 200
     compare_subjects: int = 8
     deletion_steps: int = 10
     faithfulness_fraction: float = 0.5
@@ -195,13 +231,24 @@ class MapsConfig:
             "per_subject_coarse",
             "per_subject_patience",
             "faithfulness_draws",
+            "shap_samples",
+            "sanity_subjects",
+            "sanity_epochs",
+            "sanity_train_subjects",
+            "road_subjects",
+            "bootstrap",
         ):
             check_positive(
                 f"maps.{name}",
                 getattr(self, name),
                 integer=True,
-                allow_zero=name in ("depth", "timing_subjects", "reliance_subjects"),
+                allow_zero=name
+                in ("depth", "timing_subjects", "reliance_subjects", "sanity_subjects",
+                    "road_subjects", "bootstrap"),
             )
+        check_positive("maps.occlusion_mm", self.occlusion_mm)
+        check_fraction("maps.sanity_threshold", self.sanity_threshold)
+        check_fraction("maps.robustness_noise", self.robustness_noise)
         check_fraction("maps.faithfulness_fraction", self.faithfulness_fraction, allow_one=True)
         for name in ("calibrate", "allow_untrained_predictor"):
             if not isinstance(getattr(self, name), bool):
@@ -255,6 +302,9 @@ class MapsConfig:
             "age_band_width",
             "faithfulness_fraction",
             "reliance_delta",
+            "occlusion_mm",
+            "sanity_threshold",
+            "robustness_noise",
         ):
             if isinstance(d.get(name), int) and not isinstance(d.get(name), bool):
                 d[name] = float(d[name])

@@ -40,6 +40,8 @@ TABLES = {
     "effect_reliance": "effect_reliance.csv",
     "method_comparison": "method_comparison.csv",
     "deletion_curves": "deletion_curves.csv",
+    "sanity_checks": "sanity_checks.csv",
+    "region_rank_intervals": "region_rank_intervals.csv",
 }
 
 

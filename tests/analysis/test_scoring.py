@@ -242,3 +242,55 @@ def test_coverage_regions_and_planted_in_top():
     assert planted_in_top(table, ["Thing"], 3)["all_in_top"]
     assert not planted_in_top(table, ["Thing", "C"], 3)["all_in_top"]
     assert planted_in_top(table, ["Missing"], 3)["ranks"] == {"Missing": None}
+
+
+def test_relevance_rank_accuracy_known_answers(data, rng):
+    from brainage_core.analysis.localisation import relevance_rank_accuracy
+
+    truth, brain = data.truth, data.brain
+    assert relevance_rank_accuracy(truth.astype(float), truth, brain) == 1.0
+    assert relevance_rank_accuracy(-truth.astype(float), truth, brain) == 0.0
+    # half of the planted voxels on top, then the rest of the brain: 0.5
+    half = truth.astype(float)
+    idx = np.flatnonzero(truth)
+    half.ravel()[idx[: idx.size // 2]] = 2.0
+    half.ravel()[idx[idx.size // 2 :]] = 0.0
+    half[brain & ~truth] = 1.0
+    assert relevance_rank_accuracy(half, truth, brain) == pytest.approx(0.5, abs=1 / idx.size)
+    share = truth[brain].mean()
+    assert relevance_rank_accuracy(rng.random(truth.shape), truth, brain) == pytest.approx(
+        share, abs=0.1
+    )
+
+
+def test_noisy_linear_imputation_recovers_a_linear_field():
+    from brainage_core.analysis.faithfulness import noisy_linear_imputation
+
+    x = np.fromfunction(lambda i, j, k: i + 2 * j - k, (12, 12, 12)).astype(float)
+    removed = np.zeros(x.shape, bool)
+    removed[3:9, 3:9, 3:9] = True
+    filled = noisy_linear_imputation(x, removed)
+    np.testing.assert_allclose(filled, x, atol=0.05)  # harmonic: exact up to the solver
+    assert np.array_equal(filled[~removed], x[~removed])
+    noisy = noisy_linear_imputation(x, removed, noise_sd=0.5, rng=np.random.default_rng(0))
+    assert 0.3 < np.std(noisy[removed] - x[removed]) < 0.7
+
+
+def test_road_curve_ranks_the_truth_map_above_its_inverse(data):
+    from brainage_core.analysis.faithfulness import road_curve
+
+    predictor = RegionPredictor(data.truth)
+    good = torch.from_numpy(data.truth.astype(np.float32)).expand_as(data.images)
+    bad = 1.0 - good
+    x = data.images[:2]
+    kw = {"fractions": (0.1, 0.3, 0.5), "seed": 0}
+    morf_good = deletion_auc(road_curve(predictor, x, good[:2], data.brain, **kw))
+    morf_bad = deletion_auc(road_curve(predictor, x, bad[:2], data.brain, **kw))
+    lerf_good = deletion_auc(
+        road_curve(predictor, x, good[:2], data.brain, most_relevant_first=False, **kw)
+    )
+    assert morf_good > morf_bad
+    # removing the unread voxels first leaves the prediction alone
+    assert lerf_good < 0.1 * morf_good
+    curve = road_curve(predictor, x, good[:2], data.brain, **kw)
+    assert list(curve["fraction"]) == [0.0, 0.1, 0.3, 0.5]

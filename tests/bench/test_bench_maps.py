@@ -52,3 +52,32 @@ def test_perturbation_and_seed_arguments_and_the_table():
     assert t.loc["amortised", "auroc"] == 0.8 and t.loc["amortised", "auroc_compare"] == 0.6
     assert t.loc["per_subject", "auroc"] == 0.6 and t.loc["per_subject", "auroc_atrophy"] == 0.65
     assert t.loc["ceiling |corr(x, age)|", "auroc"] == 0.85
+
+
+def test_compare_prints_the_table_of_a_run(tmp_path, capsys):
+    import pandas as pd
+
+    from brainage_core.bench.maps import compare_run
+    from brainage_core.study.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.table("method_comparison").parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(
+        {
+            "method": ["noise", "integrated_gradients", "random"],
+            "localisation_auroc": [0.8, 0.7, 0.5],
+            "deletion_auc": [6.0, 7.0, 1.0],
+            "sanity_result": ["pass", "pass", "reference"],
+            "ms_per_subject": [10.0, 400.0, 0.1],
+        }
+    ).to_csv(run.table("method_comparison"), index=False)
+    result = compare_run(run.root)
+    out = capsys.readouterr().out
+    assert "integrated_gradients" in out and "noise maps against the goal" in out
+    goal = result["goal"]
+    assert goal["localisation_auroc"]["met"] is True
+    assert goal["deletion_auc"] == {
+        "noise": 6.0, "best": 7.0, "best_method": "integrated_gradients", "met": False
+    }
+    assert goal["cost"]["times_cheaper"] == 40.0 and goal["cost"]["met"] is True
+    assert goal["sanity"]["met"] is True

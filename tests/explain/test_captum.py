@@ -53,12 +53,61 @@ def test_integrated_gradients_do_not_depend_on_internal_batch_size(data, cnn):
     assert torch.allclose(small.attribute(x), none.attribute(x), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["saliency", "integrated_gradients", "occlusion"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "saliency",
+        "smoothgrad",
+        "input_x_gradient",
+        "integrated_gradients",
+        "gradient_shap",
+        "deeplift",
+        "guided_backprop",
+        "lrp_epsilon",
+        "lrp_alpha1_beta0",
+        "occlusion",
+    ],
+)
 def test_baselines_find_the_region_the_toy_predictor_reads(method, data):
     predictor = RegionPredictor(data.truth)
-    explainer = CaptumExplainer(predictor, method, mask=data.brain, n_steps=4, window=2)
+    reference = data.images.mean(0)  # path methods start from the mean image, not 0
+    explainer = CaptumExplainer(
+        predictor, method, mask=data.brain, n_steps=4, window=2, n_samples=4, baseline=reference
+    )
     out = explainer.attribute(data.images[:2]).mean(0)[0].numpy()
     assert out[data.truth].min() > out[~data.truth].max()
+
+
+def test_grad_cam_is_upsampled_onto_the_input_grid_without_the_padding(data):
+    torch.manual_seed(0)
+    odd = BrainAgeCNN((15, 14, 13), channels=(2, 4), norm="batch").eval()
+    x = torch.rand(2, 1, 15, 14, 13)
+    out = CaptumExplainer(odd, "grad_cam").attribute(x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    # LRP on the same network conserves relevance up to the biases
+    relevance = CaptumExplainer(odd, "lrp_epsilon", absolute=False).attribute(x)
+    assert torch.isfinite(relevance).all() and float(relevance.abs().sum()) > 0
+
+
+def test_an_image_baseline_is_used_and_checked(data):
+    predictor = RegionPredictor(data.truth)
+    x = data.images[:1]
+    ig = CaptumExplainer(predictor, "integrated_gradients", n_steps=16, absolute=False)
+    # completeness: the attributions sum to f(x) - f(baseline), for any baseline image
+    reference = data.images[1:2]
+    with_ref = CaptumExplainer(
+        predictor, "integrated_gradients", n_steps=16, absolute=False, baseline=reference[0]
+    )
+    total = float(with_ref.attribute(x).sum())
+    with torch.no_grad():
+        expected = float(predictor(x) - predictor(reference))
+        from_zero = float(predictor(x) - predictor(torch.zeros_like(x)))
+    assert total == pytest.approx(expected, rel=1e-3, abs=1e-3)
+    assert float(ig.attribute(x).sum()) == pytest.approx(from_zero, rel=1e-3)
+    with pytest.raises(BrainAgeInputError, match="'baseline'"):
+        CaptumExplainer(predictor, "occlusion", baseline=torch.zeros(4, 4, 4)).attribute(x)
+    with pytest.raises(BrainAgeInputError, match="'baseline'"):
+        CaptumExplainer(predictor, "occlusion", baseline="mean")
 
 
 def test_repeated_runs_agree_and_errors_are_named(data, cnn):

@@ -32,6 +32,10 @@ SETTINGS = {
     "ig_steps": 4,
     "deletion_steps": 4,
     "baselines": ["saliency"],
+    "bootstrap": 20,
+    "sanity_epochs": 1,
+    "sanity_train_subjects": 4,
+    "road_subjects": 2,
     "seed": 0,
 }
 
@@ -103,12 +107,27 @@ def test_steps_write_maps_tables_and_metrics(tmp_path, cohort):
         assert key in noise, key
     assert metrics["regions"]["top"][0] == regions["name"].iloc[0]
 
-    table, curves, mean_maps = compare.compare_methods(study, fit.explainer, progress=False)
-    assert list(table["method"]) == ["noise", "noise_per_subject", "saliency", maps.CEILING]
+    result = compare.compare_methods(study, fit.explainer, progress=False)
+    table, curves, mean_maps = result.scores, result.curves, result.mean_maps
+    assert list(table["method"]) == [
+        "noise", "noise_per_subject", "saliency", maps.RANDOM, maps.CEILING
+    ]
     assert set(curves["method"]) == set(table["method"])
-    assert set(curves["kind"]) == {"deletion", "insertion"}
-    assert (study.run.tables / "method_comparison.csv").is_file()
+    assert set(curves["kind"]) == {"deletion", "insertion", "road_morf", "road_lerf"}
+    for name in ("method_comparison", "sanity_checks", "region_rank_intervals"):
+        assert study.run.table(name).is_file(), name
     assert mean_maps["saliency"].shape == prepared.mask.shape
+    assert result.subject_maps["saliency"].shape == prepared.mask.shape
+    assert set(result.sanity["method"]) == set(table["method"])
+    rows = table.set_index("method")
+    # every method has its interval around its own value, a cost and a sanity verdict
+    assert (rows["localisation_auroc_lo"] <= rows["localisation_auroc"] + 1e-9).all()
+    assert (rows["localisation_auroc"] <= rows["localisation_auroc_hi"] + 1e-9).all()
+    assert (rows["ms_per_subject"] > 0).all()
+    assert rows.loc[maps.CEILING, "sanity_result"] == "reference"
+    assert rows.loc["saliency", "sanity_result"] in {"pass", "FAIL"}
+    # the ceiling map ignores the model: randomising it changes nothing
+    assert rows.loc[maps.CEILING, "sanity_spearman_all"] == pytest.approx(1.0)
     rows = table.set_index("method")
     noise_row = rows.loc["noise"]
     # like for like: the learned budget protects the prediction better than moved around
