@@ -13,9 +13,13 @@ CSF intensity. Integrated gradients multiply the batch by ``n_steps``, so they r
 
 Layer-wise relevance propagation uses captum's :class:`~captum.attr.LRP`: captum has no
 default rule for ``Conv3d`` and ``BatchNorm3d``, so each leaf layer of a copy of the
-predictor gets its rule here (:func:`_lrp_rules`). zennit was the other candidate; its
-releases on PyPI either import torchvision at start-up (0.5.1, which would bring a
-torchvision build for another torch) or need Python >= 3.11.11 (1.0.0), so captum it is.
+predictor gets its rule here (:func:`_lrp_rules`), after its batch norms are folded into
+the convolutions. zennit was the other candidate; on this project's environment it
+cannot be imported: 0.5.1 imports torchvision at start-up, and the torchvision build on
+PyPI for torch 2.13 does not load against the CPU build of torch ("operator
+torchvision::nms does not exist"), while 1.0.0 needs Python >= 3.11.11. With the epsilon
+rule everywhere, LRP equals input x gradient on a ReLU network (Ancona et al., 2018);
+the alpha1-beta0 rule on convolutions is the informative variant.
 """
 
 from __future__ import annotations
@@ -212,9 +216,47 @@ _EPSILON_LAYERS = (
 )
 
 
+def _fold_batch_norms(model: nn.Module) -> nn.Module:
+    """Fold each evaluation-mode batch norm into the convolution before it (in place).
+
+    The network computes the same function; LRP's rules then see one linear layer, as
+    zennit's ``SequentialMergeBatchNorm`` canonizer arranges.
+    """
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    for parent in list(model.modules()):
+        if not isinstance(parent, nn.Sequential):  # only there is "the layer before" known
+            continue
+        children = list(parent.named_children())
+        folded = []
+        for (_, conv), (name, norm) in zip(children, children[1:], strict=False):
+            if not (isinstance(conv, convs) and isinstance(norm, norms)):
+                continue
+            if norm.training or norm.running_mean is None or norm.running_var is None:
+                continue
+            with torch.no_grad():
+                scale = torch.rsqrt(norm.running_var + norm.eps)
+                if norm.weight is not None:
+                    scale = scale * norm.weight
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
+                shift = norm.bias if norm.bias is not None else torch.zeros_like(scale)
+                view = (-1,) + (1,) * (conv.weight.ndim - 1)
+                conv.weight = nn.Parameter(conv.weight * scale.view(view), requires_grad=False)
+                conv.bias = nn.Parameter(
+                    (bias - norm.running_mean) * scale + shift, requires_grad=False
+                )
+            folded.append(name)
+        for name in folded:  # an Identity in its place would confuse captum's LRP hooks
+            delattr(parent, name)
+    return model
+
+
 def _lrp_rules(model: nn.Module, conv_rule: type) -> nn.Module:
-    """A copy of ``model`` with an LRP rule on every leaf layer (captum lacks 3D defaults)."""
-    model = copy.deepcopy(model)
+    """A copy of ``model`` with an LRP rule on every leaf layer (captum lacks 3D defaults).
+
+    Batch norms are first folded into their convolutions (:func:`_fold_batch_norms`).
+    """
+    model = _fold_batch_norms(copy.deepcopy(model))
     for module in model.modules():
         if next(module.children(), None) is not None:
             continue

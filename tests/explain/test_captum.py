@@ -119,3 +119,21 @@ def test_repeated_runs_agree_and_errors_are_named(data, cnn):
         explainer.attribute(torch.zeros(2, 16, 16))
     signed = CaptumExplainer(cnn, "saliency", absolute=False).attribute(data.images[:1])
     assert np.any(signed.numpy() < 0)
+
+
+def test_folding_batch_norms_keeps_the_function():
+    from brainage_core.explain.captum import _fold_batch_norms
+
+    torch.manual_seed(0)
+    model = BrainAgeCNN((16, 16, 16), channels=(2, 4), norm="batch")
+    model.train()
+    with torch.no_grad():  # give the norms non-trivial running statistics
+        for _ in range(3):
+            model(torch.rand(4, 1, 16, 16, 16))
+    model.eval()
+    x = torch.rand(2, 1, 16, 16, 16)
+    import copy
+
+    folded = _fold_batch_norms(copy.deepcopy(model))
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in folded.modules())
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
