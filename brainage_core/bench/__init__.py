@@ -7,7 +7,8 @@ all`` runs them in :data:`BENCHMARKS` order.
 =========  ================================================================================
 data       generation and preparation of a cohort: seconds per subject, peak RAM, cache size
 predict    the predictor on the default cohort: test/oracle/baseline MAE, seconds per epoch
-maps       the noise-model maps: localisation AUROC, region ranking, ms per subject
+maps       the noise-model maps: localisation AUROC, region ranking, ms per subject;
+           with --compare RUN_DIR: every attribution method side by side (step 06)
 =========  ================================================================================
 """
 
