@@ -27,7 +27,7 @@ call with the same folder reuses the trained models.
 Usage::
 
     brainage-study bench maps [--preset default] [--replant putamen] [-p KEY VALUE]...
-    brainage-study bench maps --compare runs/default
+    brainage-study bench maps --compare runs/default [-p maps.compare_subjects 4]
     python -m brainage_core.bench.maps --n-subjects 400 --resolution 8 --replant occipital
 """
 
@@ -48,6 +48,7 @@ import torch
 
 from brainage_core._utils.docs import fill_doc
 from brainage_core._utils.io import write_table
+from brainage_core._utils.validation import BrainAgeInputError
 from brainage_core.study import average, compare, explain, maps
 from brainage_core.study.config import load_config
 from brainage_core.study.maps import MapsConfig
@@ -152,7 +153,7 @@ def run(args: Any = None) -> dict[str, Any]:
     """
     opts = _parse(args)
     if opts.compare:
-        return compare_run(opts.compare)
+        return compare_run(opts.compare, overrides=_maps_overrides(opts.set))
     out = Path(opts.out) if opts.out else Path(tempfile.mkdtemp(prefix="bench-maps-"))
     overrides: list[tuple[str, Any]] = [tuple(kv) for kv in opts.set]  # type: ignore[misc]
     if opts.n_subjects is not None:
@@ -431,20 +432,36 @@ def _print_figures(name: str, f: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def compare_run(run_dir: str | Path) -> dict[str, Any]:
+def _maps_overrides(pairs: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """``-p maps.KEY VALUE`` pairs as ``{KEY: value}`` (YAML-parsed values)."""
+    import yaml
+
+    out = {}
+    for key, value in pairs:
+        if not key.startswith("maps."):
+            raise BrainAgeInputError(
+                f"--compare takes only maps.* overrides; {key!r} was provided."
+            )
+        out[key[len("maps.") :]] = yaml.safe_load(value)
+    return out
+
+
+def compare_run(run_dir: str | Path, *, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Print (and return) the comparison of every method on a run folder.
 
-    Reads ``tables/method_comparison.csv`` when step 06 has written it; otherwise runs
-    :func:`brainage_core.study.compare.compare_methods` on the run.
+    Reads ``tables/method_comparison.csv`` when step 06 has written it and no
+    ``overrides`` (``maps`` settings, for example ``{"compare_subjects": 4}``) are
+    given; otherwise runs :func:`brainage_core.study.compare.compare_methods` on the run
+    (which rewrites the run's comparison tables).
     """
     run = RunDir(run_dir)
     path = run.table("method_comparison")
-    if path.is_file():
+    if path.is_file() and not overrides:
         scores = pd.read_csv(path)
         print(f"method comparison of {run.root} (from {path.name})", flush=True)
     else:
         print(f"method comparison of {run.root}: computing step 06", flush=True)
-        study = maps.MapsStudy.open(run.root, progress=False)
+        study = maps.MapsStudy.open(run.root, overrides=overrides, progress=False)
         scores = compare.compare_methods(
             study, explain.load_noise_model(study), progress=False
         ).scores

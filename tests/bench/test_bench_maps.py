@@ -81,3 +81,12 @@ def test_compare_prints_the_table_of_a_run(tmp_path, capsys):
     }
     assert goal["cost"]["times_cheaper"] == 40.0 and goal["cost"]["met"] is True
     assert goal["sanity"]["met"] is True
+
+
+def test_compare_accepts_only_maps_overrides():
+    from brainage_core._utils.validation import BrainAgeInputError
+    from brainage_core.bench.maps import _maps_overrides
+
+    assert _maps_overrides([["maps.compare_subjects", "4"]]) == {"compare_subjects": 4}
+    with pytest.raises(BrainAgeInputError, match="maps"):
+        _maps_overrides([["prediction.epochs", "3"]])
