@@ -79,7 +79,9 @@ def plot_auroc_intervals(
     value = table["localisation_auroc"].to_numpy(dtype=float)
     lo = table.get("localisation_auroc_lo", table["localisation_auroc"]).to_numpy(dtype=float)
     hi = table.get("localisation_auroc_hi", table["localisation_auroc"]).to_numpy(dtype=float)
-    ax.errorbar(value, y, xerr=[value - lo, hi - value], fmt="o", color="#1f77b4", capsize=3)
+    # a percentile interval of a mean map's AUROC may end at (or just below) the estimate
+    err = [np.clip(value - lo, 0, None), np.clip(hi - value, 0, None)]
+    ax.errorbar(value, y, xerr=err, fmt="o", color="#1f77b4", capsize=3)
     if "localisation_auroc_depth_matched" in table:
         ax.plot(table["localisation_auroc_depth_matched"], y, "x", color="#d62728",
                 label="depth-matched")
@@ -101,8 +103,10 @@ def plot_sanity_curves(
 ) -> Figure:
     """Spearman correlation with the trained model's map as layers are randomised."""
     fig, ax = new_figure(axes, (6.5, 4.0))
-    for method, part in sanity.groupby("method", sort=False):
-        ax.plot(part["level"], part["spearman"], marker=".", label=str(method))
+    colours = plt.get_cmap("tab20")
+    for k, (method, part) in enumerate(sanity.groupby("method", sort=False)):
+        ax.plot(part["level"], part["spearman"], marker=".", label=str(method),
+                color=colours(k % 20))
     labels = sanity.drop_duplicates("level").sort_values("level")
     ax.set_xticks(labels["level"], labels["layer"], rotation=30, ha="right")
     if threshold is not None:
