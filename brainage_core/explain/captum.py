@@ -18,8 +18,9 @@ the convolutions. zennit was the other candidate; on this project's environment 
 cannot be imported: 0.5.1 imports torchvision at start-up, and the torchvision build on
 PyPI for torch 2.13 does not load against the CPU build of torch ("operator
 torchvision::nms does not exist"), while 1.0.0 needs Python >= 3.11.11. With the epsilon
-rule everywhere, LRP equals input x gradient on a ReLU network (Ancona et al., 2018);
-the alpha1-beta0 rule on convolutions is the informative variant.
+rule everywhere, LRP is close to input x gradient on a ReLU network (equal when the
+biases carry no relevance; Ancona et al., 2018); the alpha1-beta0 rule on convolutions is
+the other variant.
 """
 
 from __future__ import annotations
