@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from brainage_core._utils.validation import BrainAgeInputError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -98,6 +100,11 @@ def init_distributed(device: str = "auto") -> DistContext:
         ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     """
     dev = resolve_device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BrainAgeInputError(
+            f"'device' is {device!r}, but this machine has no CUDA GPU that torch can use; "
+            "use 'auto' or 'cpu'."
+        )
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"

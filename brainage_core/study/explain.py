@@ -107,6 +107,8 @@ def fit_noise_model(study: MapsStudy, *, progress: bool = True) -> FitResult:
         checkpoint_path=study.noise_checkpoint,
         resume=resume,
         progress=progress,
+        num_workers=s.num_workers,
+        amp=s.amp,
     )
     seconds = float(explainer.history_["seconds"].sum())
     study.run.update_metrics(
