@@ -340,8 +340,11 @@ class TrainResult:
             "stopped_early": self.stopped_early,
             "seconds_per_epoch": self.seconds_per_epoch,
             "subjects_per_second": self.subjects_per_second,
-            "global_batch_size": self.global_batch_size,
-            "processes": self.processes,
+            "global_batch_size": int(self.history[-1].get("global_batch_size",
+                                                          self.global_batch_size)
+                                     if self.history else self.global_batch_size),
+            "processes": int(self.history[-1].get("processes", self.processes)
+                             if self.history else self.processes),
             "train_minutes": float(sum(h["train_seconds"] + h["val_seconds"]
                                        for h in self.history)) / 60.0,
         }
@@ -625,6 +628,8 @@ class _Trainer:
             "train_seconds": train_seconds,
             "val_seconds": val_seconds,
             "subjects_per_second": count * self.ctx.world_size / max(train_seconds, 1e-9),
+            "processes": self.ctx.world_size,
+            "global_batch_size": self.global_batch,
         })
         self.epoch += 1
         bar.set_postfix(loss=f"{total / max(count, 1):.4f}", val_mae=self._last_val_mae())

@@ -111,6 +111,8 @@ def fit_noise_model(study: MapsStudy, *, progress: bool = True) -> FitResult:
         amp=s.amp,
     )
     seconds = float(explainer.history_["seconds"].sum())
+    if not _is_main_process():  # under torchrun, rank 0 alone writes the run's files
+        return FitResult(explainer=explainer, calibration=curve, train_seconds=seconds)
     study.run.update_metrics(
         "maps",
         {
@@ -155,8 +157,16 @@ def _calibration_curve(study: MapsStudy, *, progress: bool) -> pd.DataFrame:
         progress=progress,
     )
     curve = result.curve.assign(tolerance=s.tolerance)
-    write_table(path, curve)
+    if _is_main_process():
+        write_table(path, curve)
     return curve
+
+
+def _is_main_process() -> bool:
+    """False in the processes of a ``torchrun`` job but rank 0."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def write_subject_maps(
