@@ -17,6 +17,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -543,6 +544,12 @@ class _Trainer:
                 synced = True
             net = DistributedDataParallel(
                 net, device_ids=[self.device] if self.device.type == "cuda" else None)
+        if self.ctx.distributed and not synced and self.cfg.norm == "batch" and self.ctx.is_main:
+            warnings.warn(
+                "norm 'batch' under torchrun without SyncBatchNorm (the CPU has none, or "
+                "sync_batchnorm is false): each process normalises its own share of the "
+                "batch, so the result depends on the number of processes; norm 'group' "
+                "does not.", stacklevel=2)
         if self.progress and self.ctx.is_main and self.ctx.distributed:
             print(f"global batch {self.global_batch} = {self.per_rank_batch} per process x "
                   f"{self.ctx.world_size} processes on {self.device.type}"
