@@ -8,6 +8,7 @@ all`` runs them in :data:`BENCHMARKS` order.
 data       generation and preparation of a cohort: seconds per subject, peak RAM, cache size
 predict    the predictor on the default cohort: test/oracle/baseline MAE, seconds per epoch
 maps       the noise-model maps: localisation AUROC, region ranking, ms per subject
+memory     memory per subject of each heavy step at the run's grid, estimated at 2 and 1 mm
 =========  ================================================================================
 """
 
@@ -19,7 +20,7 @@ from types import ModuleType
 from brainage_core._utils.validation import BrainAgeInputError
 
 #: Benchmark modules in the order ``bench all`` runs them.
-BENCHMARKS = ("data", "predict", "maps")
+BENCHMARKS = ("data", "predict", "maps", "memory")
 
 
 def load_benchmark(name: str) -> ModuleType:

@@ -10,7 +10,7 @@ import pandas as pd
 
 from brainage_core._utils.io import check_output_folder
 from brainage_core._utils.validation import check_positive
-from brainage_core.data.cache import prepare_cohort
+from brainage_core.data.cache import PreparedCohort, prepare_cohort, prepare_shard
 from brainage_core.data.manifest import AGE_RANGE, ON_ERROR_CHOICES, check_age_range
 from brainage_core.data.sources.bids import load_bids
 from brainage_core.data.sources.csv import load_csv
@@ -41,6 +41,12 @@ examples:
 
 A CSV manifest needs the columns participant_id, path (absolute, or relative to the CSV's
 folder) and age; sex, site and any other column are kept.
+
+A large cohort can be prepared by N processes, on one node or many sharing OUT: start
+  brainage-study prepare ... --shard I N        for I = 0 .. N-1 (at the same time)
+(for example --shard $SLURM_ARRAY_TASK_ID $SLURM_ARRAY_TASK_COUNT in a job array). Each
+shard prepares every N-th participant into its own folder, with no shared lock; the shard
+that completes the set publishes the cache, the same as one process would make.
 
 A killed or interrupted prepare leaves no worker behind and resumes where it stopped.
 Two prepares of the same data share the work: the second waits for the first (or, with
@@ -158,6 +164,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="if another process is preparing the same cache, stop at once (naming it) "
         "instead of waiting for it",
     )
+    parser.add_argument(
+        "--shard",
+        type=int,
+        nargs=2,
+        metavar=("INDEX", "COUNT"),
+        default=None,
+        help="prepare only participants INDEX, INDEX+COUNT, ... (0 <= INDEX < COUNT) into "
+        "a shard of the cache; the shard that completes the set publishes the cache",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run, spelling=SPELLING)
     return parser
@@ -188,7 +203,32 @@ def run(args: argparse.Namespace) -> int:
         attrs = dict(manifest.attrs)
         manifest = manifest.iloc[: args.n_subjects].reset_index(drop=True)
         manifest.attrs = attrs
-    cohort = prepare_cohort(
+    if args.shard is not None:
+        cohort = prepare_shard(
+            manifest,
+            args.out,
+            shard=tuple(args.shard),
+            resolution=args.resolution,
+            on_error=args.on_error,
+            split_fractions=args.split_fractions,
+            seed=args.seed,
+            n_jobs=args.n_jobs,
+            progress=not args.no_progress,
+            age_range=tuple(args.age_range),
+        )
+        if cohort is None:
+            index, count = args.shard
+            print(f"shard {index} of {count} done; the shard that completes the set "
+                  "publishes the cache")
+            return 0
+    else:
+        cohort = _prepare_whole(args, manifest)
+    _summary(cohort)
+    return 0
+
+
+def _prepare_whole(args: argparse.Namespace, manifest: pd.DataFrame) -> PreparedCohort:
+    return prepare_cohort(
         manifest,
         args.out,
         resolution=args.resolution,
@@ -200,6 +240,9 @@ def run(args: argparse.Namespace) -> int:
         age_range=tuple(args.age_range),
         wait=not args.no_wait,
     )
+
+
+def _summary(cohort: PreparedCohort) -> None:
     counts = cohort.table["split"].value_counts()
     print(f"prepared cohort: {cohort.root}")
     print(
@@ -212,4 +255,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {len(skipped)} participant(s) skipped (listed in {cohort.root / 'skipped.tsv'}):")
         with pd.option_context("display.max_colwidth", 120, "display.width", 200):
             print(skipped[["participant_id", "reason"]].to_string(index=False), file=sys.stdout)
-    return 0
