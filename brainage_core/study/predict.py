@@ -22,7 +22,6 @@ Two halves:
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import math
 import os
@@ -42,7 +41,6 @@ from brainage_core._utils.io import (
     save_nifti,
     write_json,
     write_table,
-    write_text,
 )
 from brainage_core._utils.validation import BrainAgeInputError
 from brainage_core.data.manifest import find_manifest_problems, image_labels
@@ -53,15 +51,16 @@ from brainage_core.data.qc import (
     intensity_distance,
     intensity_percentiles,
     ncc,
-    needs_orientation_search,
-    orientation_search,
+    needs_search,
     preprocess_with_qc,
     qc_reasons,
     reason_codes,
+    search_pose_and_orientation,
 )
 from brainage_core.data.template import Template, load_template
 from brainage_core.models.evaluation import BiasCorrection, regression_metrics
 from brainage_core.models.ood import FeatureOOD, predict_with_features
+from brainage_core.plotting.qc import write_qc_page
 from brainage_core.study.rundir import MAPS_FILES, PREDICT_FILES, RunDir
 
 #: Version of ``index.json``'s layout.
@@ -474,14 +473,14 @@ def _predict_one(trained: TrainedRun, row: pd.Series, label: str, *, qc: str,
     image = result.image.astype(np.float16).astype(np.float32)
     measures["intensity_distance"] = intensity_distance(
         image, trained.template.mask, trained.reference["intensity_percentiles"])
-    if needs_orientation_search(measures, thresholds, trained.reference):
-        measures.update(orientation_search(path))
+    if needs_search(measures, thresholds, trained.reference):
+        measures.update(search_pose_and_orientation(path))
     x = torch.from_numpy(image)[None, None]
     ages, features = predict_with_features(trained.model, x)
     measures["ood"] = float(trained.ood.score(features)[0])
     reasons = qc_reasons(measures, thresholds, trained.reference,
                          resolution=trained.template.resolution)
-    record.update({k: measures.get(k) for k in (*QC_COLUMNS, "orientation_fix")})
+    record.update({k: measures.get(k) for k in (*QC_COLUMNS, "orientation_fix", "pose_fix")})
     record["qc_pass"] = not reasons
     record["qc_reasons"] = reasons
     if reasons and qc == "raise":
@@ -527,7 +526,7 @@ def _predicted(record_path: Path) -> bool:
 
 _TABLE_COLUMNS = ["participant_id", "age", "predicted_age", "gap", "predicted_age_corrected",
                   "gap_corrected", "qc_pass", "qc_action", "qc_flags", "qc_reasons", *QC_COLUMNS,
-                  "orientation_fix", "map", "path"]
+                  "orientation_fix", "pose_fix", "map", "path"]
 
 
 def _collect(manifest: pd.DataFrame, labels: list[str], records_dir: Path) -> pd.DataFrame:
@@ -566,65 +565,6 @@ def _metrics(table: pd.DataFrame) -> dict[str, Any]:
         out["mae_qc_pass"], out["r_qc_pass"] = m["mae"], m["r"]
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in out.items()}
-
-
-# -- the QC page --------------------------------------------------------------------------
-def write_qc_page(table: pd.DataFrame, out: str | os.PathLike, template: Template, *,
-                  title: str = "Quality control", n_typical: int = 3) -> Path:
-    """``OUT/qc_mosaic.png`` (every flagged subject and a few typical ones) and ``OUT/qc.html``.
-
-    The mosaic shows, per subject, three orthogonal slices of the image as ``predict``
-    prepared it (on the run's grid), with the template's brain outline; the page holds the
-    mosaic and the QC measures as a sortable table.
-    """
-    from brainage_core.plotting.qc import plot_qc_mosaic
-
-    out = Path(out)
-    flagged = table[~table["qc_pass"].astype(bool)]
-    passed = table[table["qc_pass"].astype(bool)]
-    if len(passed) and "ncc" in passed:
-        order = (passed["ncc"] - passed["ncc"].median()).abs().sort_values().index
-        typical = passed.loc[order[:n_typical]]
-    else:
-        typical = passed.head(0)
-    chosen = pd.concat([flagged, typical])
-    mosaic = out / "qc_mosaic.png"
-    plot_qc_mosaic(chosen, template, output_file=mosaic)
-    shown = table.drop(columns=["path"], errors="ignore").round(3)
-    rows = shown.to_html(index=False, classes="qc", table_id="qc", na_rep="",
-                         escape=True, border=0)
-    page = _QC_HTML.format(title=html.escape(title), n=len(table), n_flagged=len(flagged),
-                           table=rows)
-    return write_text(out / "qc.html", page)
-
-
-_QC_HTML = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<style>
-body {{ font-family: sans-serif; margin: 1.5em; }}
-table.qc {{ border-collapse: collapse; font-size: 0.85em; }}
-table.qc th, table.qc td {{ padding: 2px 6px; border-bottom: 1px solid #ddd; }}
-table.qc th {{ cursor: pointer; background: #f3f3f3; position: sticky; top: 0; }}
-</style></head><body>
-<h1>{title}</h1>
-<p>{n_flagged} of {n} subjects flagged. The mosaic shows every flagged subject, then a few
-typical ones, as prepared on the run's grid (red: the template's brain outline).
-Click a column header to sort.</p>
-<img src="qc_mosaic.png" alt="QC mosaic" style="max-width: 100%">
-{table}
-<script>
-document.querySelectorAll("table.qc th").forEach((th, col) => th.addEventListener("click", () => {{
-  const body = th.closest("table").tBodies[0];
-  const rows = Array.from(body.rows);
-  const asc = th.dataset.asc !== "1"; th.dataset.asc = asc ? "1" : "0";
-  const key = r => {{ const t = r.cells[col].textContent; const v = parseFloat(t);
-                      return isNaN(v) ? t : v; }};
-  rows.sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * (asc ? 1 : -1));
-  rows.forEach(r => body.appendChild(r));
-}}));
-</script>
-</body></html>
-"""
 
 
 def qc_summary(table: pd.DataFrame) -> Mapping[str, int]:

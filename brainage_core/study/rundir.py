@@ -36,6 +36,7 @@ from brainage_core.analysis.population import POPULATION_FILE
 #: The run's tables by name (``tables/<file>``): one place that spells their file names.
 TABLES = {
     "participants": "participants.csv",
+    "qc": "qc.csv",
     "predictions": "predictions.csv",
     "lambda_calibration": "lambda_calibration.csv",
     "subject_maps": "subject_maps.csv",

@@ -33,8 +33,8 @@ def _check(img, template, ref):
     measures = dict(result.measures)
     measures["intensity_distance"] = qc.intensity_distance(
         result.image, template.mask, ref["intensity_percentiles"])
-    if qc.needs_orientation_search(measures, THRESHOLDS, ref):
-        measures.update(qc.orientation_search(img))
+    if qc.needs_search(measures, THRESHOLDS, ref):
+        measures.update(qc.search_pose_and_orientation(img))
     reasons = qc.qc_reasons(measures, THRESHOLDS, ref, resolution=template.resolution)
     return measures, qc.reason_codes(reasons), result.image
 

@@ -60,8 +60,8 @@ def wrong_orientation(img: nib.Nifti1Image) -> nib.Nifti1Image:
 
 #: The wrong images by name, with the QC reason each must get.
 CASES = {
-    "rotated_20deg": (rotated, "ncc"),
-    "shifted_2cm": (shifted, "ncc"),
+    "rotated_20deg": (rotated, "registration"),
+    "shifted_2cm": (shifted, "registration"),
     "skull_on": (with_skull, "outside_ratio"),
     "inverted_contrast": (inverted, "intensity"),
     "wrong_orientation_code": (wrong_orientation, "orientation"),

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from helpers.predictor import TINY
-
 from brainage_core._utils.io import write_table
 from brainage_core.data.cohort import load_cohort
 from brainage_core.models.evaluation import predict, prediction_metrics, prediction_table
 from brainage_core.models.training import cohort_datasets, train_predictor
 from brainage_core.study.predict import write_predict_index
 from brainage_core.study.rundir import RunDir
+from helpers.predictor import TINY
 
 
 def make_trained_run(run_dir: Path, bids: Path, cache_dir: Path) -> RunDir:

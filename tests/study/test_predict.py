@@ -57,7 +57,8 @@ def test_predict_reproduces_the_runs_own_predictions(trained_run, tiny_cohort, t
     assert (result.table["qc_pass"]).all() and (result.table["qc_action"] == "ok").all()
     on_disk = pd.read_csv(tmp_path / "out" / "predictions.tsv", sep="\t")
     assert list(on_disk["participant_id"]) == list(result.table["participant_id"])
-    assert (tmp_path / "out" / "qc.html").is_file() and (tmp_path / "out" / "qc_mosaic.png").is_file()
+    assert (tmp_path / "out" / "qc.html").is_file()
+    assert (tmp_path / "out" / "qc_mosaic.png").is_file()
 
 
 def test_a_moved_run_predicts_without_its_data_cache(trained_run, tiny_cohort, tmp_path):
@@ -143,7 +144,7 @@ def test_qc_policies_flag_skip_or_stop(trained_run, tiny_cohort, tmp_path, capsy
     row = warn.set_index("participant_id")
     assert row.loc["sub-clean", "qc_flags"] in ("", None) or pd.isna(row.loc["sub-clean",
                                                                            "qc_flags"])
-    assert "ncc" in row.loc["sub-rot", "qc_flags"].split(";")
+    assert "registration" in row.loc["sub-rot", "qc_flags"].split(";")
     assert row.loc["sub-rot", "qc_action"] == "flagged"
     assert np.isfinite(row.loc["sub-rot", "predicted_age"])  # flagged, still predicted
 
@@ -156,7 +157,7 @@ def test_qc_policies_flag_skip_or_stop(trained_run, tiny_cohort, tmp_path, capsy
     assert main(["predict", "--run-dir", str(trained_run.root), "--csv", str(csv),
                  "--out", str(tmp_path / "r"), "--qc", "raise"]) == 1
     message = one_error_line(capsys, "predict")
-    assert "rotated.nii.gz" in message and "sub-rot" in message and "ncc" in message
+    assert "rotated.nii.gz" in message and "sub-rot" in message and "registration" in message
 
 
 def test_maps_use_the_runs_noise_model(trained_run, tiny_cohort, tmp_path):

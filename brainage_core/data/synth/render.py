@@ -14,13 +14,14 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from brainage_core._utils.io import save_nifti
+from brainage_core._utils.io import save_nifti, write_json
 from brainage_core._utils.validation import (
     BrainAgeInputError,
 )
 from brainage_core.data.atlas import load_atlas
 from brainage_core.data.synth.ages import SUBJECT_STREAM
 from brainage_core.data.synth.config import MAX_FRACTION, AgeEffect, SynthConfig
+from brainage_core.data.synth.native import NATIVE_STREAM, NativeSpace, to_native, transform_path
 from brainage_core.data.template import Template, load_template
 
 #: Largest deformation gradient of one integration step of an expansion flow (keeps every
@@ -482,11 +483,32 @@ class SubjectRenderer:
         return out
 
     def write(self, subject: SubjectSpec) -> bool:
-        """Render and save a subject unless a valid file exists; True if written."""
+        """Render and save a subject unless a valid file exists; True if written.
+
+        With ``native_space`` set, the image is written in its native space and the
+        transform goes to the ground truth first (an image never exists without it).
+        """
         path = Path(subject.path)
-        if valid_image(path, self.model.template):
+        native = NativeSpace.from_dict(self.config.native_space)
+        root = path.parents[2]  # <root>/sub-X/anat/<file>
+        if native is None and valid_image(path, self.model.template):
+            return False
+        if native is not None and _valid_native(path, transform_path(root,
+                                                                    subject.participant_id)):
             return False
         img = self.model.template.to_image(self.render(subject))
+        if native is not None:
+            rng = np.random.default_rng(np.random.SeedSequence(
+                self.config.seed, spawn_key=(subject.index, NATIVE_STREAM)))
+            t = self.model.template
+            centre = nib.affines.apply_affine(t.affine, np.argwhere(t.mask).mean(axis=0))
+            img, pose = to_native(img, native, rng, centre, self.config.resolution)
+            write_json(transform_path(root, subject.participant_id), {
+                "native_from_mni": pose.tolist(),
+                "description": "RAS+ mm: a point of the MNI brain -> the same point of the "
+                               "native head",
+                "native_space": native.to_dict(),
+            })
         img.set_data_dtype(np.int16)  # nibabel picks the scaling (scl_slope)
         save_nifti(img, path)
         return True
@@ -511,6 +533,16 @@ def _rotation(angles: np.ndarray) -> np.ndarray:
     ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
     rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
     return rz @ ry @ rx
+
+
+def _valid_native(path: Path, sidecar: Path) -> bool:
+    """True if a native-space image and its recorded transform are both readable."""
+    if not (path.is_file() and sidecar.is_file()):
+        return False
+    try:
+        return bool(np.isfinite(np.asarray(nib.load(path).dataobj)).all())
+    except Exception:  # noqa: BLE001 - any unreadable file is simply regenerated
+        return False
 
 
 def valid_image(path: Path, template: Template) -> bool:
