@@ -65,6 +65,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "(flag, no prediction) or raise (stop)")
     parser.add_argument("--resolution", type=int, choices=SUPPORTED_RESOLUTIONS, default=None,
                         help="the grid (mm) you expect the run to use; another is an error")
+    parser.add_argument("--register", action="store_true",
+                        help="register each image affinely to the MNI template first (raw "
+                        "T1 images); default: what the run's training images went through")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run, spelling={})
     return parser
@@ -81,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         source = args.csv
     result = predict_subjects(args.run_dir, manifest, args.out, maps=args.maps, qc=args.qc,
                               resolution=args.resolution, source=str(source),
+                              register=True if args.register else None,
                               progress=not args.no_progress)
     m = result.metrics
     print(f"predicted {m['n_predicted']} of {m['n']} subject(s): {result.out / 'predictions.tsv'}")

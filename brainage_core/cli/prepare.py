@@ -162,6 +162,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "instead of waiting for it",
     )
     parser.add_argument(
+        "--register",
+        action="store_true",
+        help="register every image affinely to the MNI template first (raw T1 images; "
+        "SimpleITK; part of the cache key)",
+    )
+    parser.add_argument(
         "--qc",
         choices=QC_POLICIES,
         default="warn",
@@ -211,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         age_range=tuple(args.age_range),
         wait=not args.no_wait,
+        register=args.register,
     )
     counts = cohort.table["split"].value_counts()
     print(f"prepared cohort: {cohort.root}")
@@ -233,7 +240,7 @@ def _quality_control(manifest: pd.DataFrame, args: argparse.Namespace
     """QC every image with a file; with ``--qc skip`` drop the flagged ones."""
     has_file = [bool(p) and Path(str(p)).is_file() for p in manifest["path"]]
     checked = cohort_qc(manifest.loc[has_file], load_template(args.resolution),
-                        progress=not args.no_progress)
+                        register=args.register, progress=not args.no_progress)
     bad = checked[~checked["qc_pass"] & ~checked["qc_flags"].str.startswith("unreadable")]
     if len(bad) and args.qc == "raise":
         first = bad.iloc[0]

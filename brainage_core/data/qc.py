@@ -65,6 +65,7 @@ from tqdm.auto import tqdm
 from brainage_core._utils.validation import BrainAgeInputError, check_choice
 from brainage_core.data.preprocess import (
     ImageLike,
+    align,
     load_image,
     normalise_intensities,
     reorient,
@@ -147,6 +148,9 @@ class QCResult:
     ----------
     image : numpy.ndarray of float32
         The preprocessed image, exactly as :func:`preprocess_image` gives it.
+    aligned : nibabel.Nifti1Image
+        The source image as it entered the resampling (registered if asked); the pose and
+        orientation searches look at it.
     measures : dict
         ``ncc``, ``coverage``, ``outside_ratio``, ``voxel_size``, ``orientation`` and,
         when the NCC is low, ``orientation_fix_ncc`` and ``orientation_fix``.
@@ -154,9 +158,11 @@ class QCResult:
 
     image: np.ndarray
     measures: dict[str, Any]
+    aligned: nib.Nifti1Image
 
 
-def preprocess_with_qc(img: ImageLike, template: Template) -> QCResult:
+def preprocess_with_qc(img: ImageLike, template: Template, *, register: bool = False
+                       ) -> QCResult:
     """Preprocess one image exactly like :func:`preprocess_image` and measure its QC.
 
     Parameters
@@ -165,6 +171,9 @@ def preprocess_with_qc(img: ImageLike, template: Template) -> QCResult:
         The image.
     template : Template
         The grid of the run or cohort.
+    register : bool, default=False
+        Register the image to the MNI template first (the measures then judge the
+        registered image: a registration that failed is flagged, never silently kept).
 
     Returns
     -------
@@ -174,7 +183,8 @@ def preprocess_with_qc(img: ImageLike, template: Template) -> QCResult:
     """
     name = _name(img)
     source = load_image(img)
-    canonical = reorient(source)
+    aligned = align(source, register, name)
+    canonical = reorient(aligned)
     resampled = resample_to_template(canonical, template)
     image = normalise_intensities(resampled, template.mask, name)
     measures: dict[str, Any] = {
@@ -184,7 +194,7 @@ def preprocess_with_qc(img: ImageLike, template: Template) -> QCResult:
         "voxel_size": float(np.max(source.header.get_zooms()[:3])),
         "orientation": "".join(nib.aff2axcodes(source.affine)),
     }
-    return QCResult(image=image, measures=measures)
+    return QCResult(image=image, measures=measures, aligned=aligned)
 
 
 def ncc(image: np.ndarray, template: Template) -> float:
@@ -433,6 +443,7 @@ def cohort_qc(
     template: Template,
     *,
     thresholds: QCThresholds | None = None,
+    register: bool = False,
     progress: bool = True,
 ) -> pd.DataFrame:
     """QC of every image of a cohort, against the cohort itself (``prepare``, notebook 01).
@@ -450,6 +461,8 @@ def cohort_qc(
         The grid.
     thresholds : QCThresholds or None, default=None
         The limits (None: the documented defaults).
+    register : bool, default=False
+        Register each image first, as ``prepare --register`` does.
     progress : bool, default=True
         Show a progress bar.
 
@@ -467,7 +480,7 @@ def cohort_qc(
                     desc="QC", unit="img", disable=None if progress else True):
         row: dict[str, Any] = {"participant_id": rec.participant_id, "path": rec.path}
         try:
-            result = preprocess_with_qc(str(rec.path), template)
+            result = preprocess_with_qc(str(rec.path), template, register=register)
         except BrainAgeInputError as err:
             row["error"] = str(err)
             profiles.append(None)
@@ -488,7 +501,10 @@ def cohort_qc(
         row["intensity_distance"] = float(
             np.mean(np.abs(profile - reference["intensity_percentiles"])))
         if needs_search(row, thresholds, reference):
-            row.update(search_pose_and_orientation(str(row["path"])))
+            # streamed: a registered image is registered again for its search
+            path = str(row["path"])
+            row.update(search_pose_and_orientation(
+                align(load_image(path), True, path) if register else path))
         reasons = qc_reasons(row, thresholds, reference, resolution=template.resolution)
         row.update(qc_pass=not reasons, qc_reasons=reasons)
     out = pd.DataFrame(rows)

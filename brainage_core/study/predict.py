@@ -44,7 +44,7 @@ from brainage_core._utils.io import (
 )
 from brainage_core._utils.validation import BrainAgeInputError
 from brainage_core.data.manifest import find_manifest_problems, image_labels
-from brainage_core.data.preprocess import PREPROCESSING
+from brainage_core.data.preprocess import PREPROCESSING, preprocessing_description
 from brainage_core.data.qc import (
     QCThresholds,
     check_qc_policy,
@@ -232,6 +232,11 @@ class TrainedRun:
     ood: FeatureOOD
     reference: dict[str, Any]
 
+    @property
+    def registered(self) -> bool:
+        """Whether the run's training images were registered on the way in."""
+        return "registration" in self.index["preprocessing"]
+
     @classmethod
     def open(cls, run_dir: str | os.PathLike, *, resolution: int | None = None,
              maps: bool = False) -> TrainedRun:
@@ -278,11 +283,12 @@ class TrainedRun:
             raise BrainAgeInputError(
                 f"the run was trained on a {grid['resolution']} mm grid; {resolution} mm was "
                 "requested. Use a run trained on that grid, or drop --resolution", run.root)
-        if index["preprocessing"] != PREPROCESSING:
+        registered = "registration" in index["preprocessing"]
+        if index["preprocessing"] != preprocessing_description(registered):
             raise BrainAgeInputError(
                 "the run's images were preprocessed differently from what this code does "
-                f"({index['preprocessing']} vs {PREPROCESSING}); predict with the version "
-                "that trained it", run.index_path)
+                f"({index['preprocessing']} vs {preprocessing_description(registered)}); "
+                "predict with the version that trained it", run.index_path)
         template = load_template(int(grid["resolution"]))
         if list(template.shape) != list(grid["shape"]) or not np.allclose(
             template.affine, np.asarray(grid["affine"])
@@ -376,6 +382,7 @@ def predict_subjects(
     qc: str = "warn",
     thresholds: QCThresholds | None = None,
     resolution: int | None = None,
+    register: bool | None = None,
     source: str = "manifest",
     progress: bool = True,
 ) -> PredictResult:
@@ -401,6 +408,10 @@ def predict_subjects(
         QC limits (None: the documented defaults).
     resolution : int or None, default=None
         The grid the caller expects; another grid than the run's is an error.
+    register : bool or None, default=None
+        Register each image affinely to the MNI template first (raw T1 images). None does
+        what the run's training data went through; True also registers the new images of
+        a run trained on images already in MNI space.
     source : str, default="manifest"
         Name of the manifest's source in error messages.
     progress : bool, default=True
@@ -414,6 +425,7 @@ def predict_subjects(
     records_dir = out / "subjects"
     records_dir.mkdir(parents=True, exist_ok=True)
     explainer = trained.noise_explainer() if maps else None
+    register = trained.registered if register is None else bool(register)
     model_id = trained.index["files"]["predictor"]["sha256"]
     labels = image_labels(manifest)
     computed, seconds = 0, 0.0
@@ -430,7 +442,7 @@ def predict_subjects(
             continue
         start = time.perf_counter()
         record = _predict_one(trained, row, label, qc=qc, thresholds=thresholds,
-                              explainer=explainer, map_path=map_path)
+                              explainer=explainer, map_path=map_path, register=register)
         record["model_sha256"] = model_id
         write_json(record_path, record)
         computed += 1
@@ -456,13 +468,14 @@ def predict_subjects(
 
 
 def _predict_one(trained: TrainedRun, row: pd.Series, label: str, *, qc: str,
-                 thresholds: QCThresholds, explainer: Any, map_path: Path) -> dict[str, Any]:
+                 thresholds: QCThresholds, explainer: Any, map_path: Path,
+                 register: bool) -> dict[str, Any]:
     path = str(row["path"])
     age = float(row["age"]) if pd.notna(row["age"]) else None
     record: dict[str, Any] = {"label": label, "participant_id": str(row["participant_id"]),
                               "path": path, "age": age}
     try:
-        result = preprocess_with_qc(path, trained.template)
+        result = preprocess_with_qc(path, trained.template, register=register)
     except BrainAgeInputError as err:
         if qc == "raise":
             raise
@@ -474,7 +487,7 @@ def _predict_one(trained: TrainedRun, row: pd.Series, label: str, *, qc: str,
     measures["intensity_distance"] = intensity_distance(
         image, trained.template.mask, trained.reference["intensity_percentiles"])
     if needs_search(measures, thresholds, trained.reference):
-        measures.update(search_pose_and_orientation(path))
+        measures.update(search_pose_and_orientation(result.aligned))
     x = torch.from_numpy(image)[None, None]
     ages, features = predict_with_features(trained.model, x)
     measures["ood"] = float(trained.ood.score(features)[0])
