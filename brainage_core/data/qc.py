@@ -379,8 +379,8 @@ def qc_reasons(measures: dict[str, Any], thresholds: QCThresholds,
             f"orientation: header says {measures['orientation']}, but the image matches the "
             f"template only with {measures['orientation_fix']} (NCC {fix:.2f} vs {ident:.2f})"
         )
-    elif pose is not None and pose_ident is not None and pose > 0 and (
-        pose >= t.pose_gain * max(pose_ident, 0.0)
+    elif pose is not None and pose_ident is not None and pose_ident > 0 and (
+        pose >= t.pose_gain * pose_ident  # (an image unlike the template is not misplaced)
     ):
         out.append(
             f"registration: the image matches the template better {measures['pose_fix']} "

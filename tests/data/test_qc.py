@@ -56,9 +56,11 @@ def test_wrong_images_are_flagged_for_the_right_reason(reference, case):
     _, codes, _ = _check(make(clean), template, ref)
     assert expected in codes, (case, codes)
     if expected == "orientation":  # the search names the cause, not a misregistration
-        assert "ncc" not in codes
-    if expected in ("ncc", "outside_ratio"):  # same contrast: the intensities look normal
-        assert "intensity" not in codes
+        assert "ncc" not in codes and "registration" not in codes
+    if expected in ("registration", "outside_ratio"):  # same contrast: normal intensities
+        assert "intensity" not in codes and "orientation" not in codes
+    if expected == "intensity":  # another contrast is not a misplaced image
+        assert "registration" not in codes and "orientation" not in codes
 
 
 def test_orientation_search_recovers_the_swap(reference):
