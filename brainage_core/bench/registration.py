@@ -14,10 +14,11 @@ registered (:mod:`brainage_core.data.register`) and the benchmark prints:
   ``predict``.
 
 The cohorts follow the run's ``data.synthetic`` settings (or the generator's defaults
-without a run) with a new seed. The subjects' own anatomy (smooth deformation, head size,
-the generator's small misregistration) is part of the MNI-space image, so the residual
-against the recorded pose includes it; ``--anatomy none`` switches it off to measure the
-registration alone.
+without a run) with a new seed. The known transform is ``native_from_template``: the head
+pose composed with the subject's own head size, rotation and shift. The subject's smooth
+deformation (individual anatomy) is not affine, so it is left in the residual;
+``--anatomy none`` switches the subjects' own anatomy off to measure the registration
+alone.
 """
 
 from __future__ import annotations

@@ -39,9 +39,11 @@ def test_native_images_are_written_as_a_scanner_would(native_cohort):
     img = nib.load(_images(native_cohort)[0])
     assert nib.aff2axcodes(img.affine) == ("L", "P", "S")
     assert np.allclose(img.header.get_zooms(), (6.0, 6.0, 10.0))
-    pose = read_native_transform(native_cohort, "sub-0001")
+    pose = read_native_transform(native_cohort, "sub-0001", "native_from_mni")
     rot = pose[:3, :3]
     assert np.allclose(rot @ rot.T, np.eye(3)) and not np.allclose(pose, np.eye(4))
+    # without individual anatomy the subject's MNI image is the template's pose
+    assert np.allclose(read_native_transform(native_cohort, "sub-0001"), pose)
 
 
 def test_registration_recovers_the_known_transform(native_cohort):

@@ -6,8 +6,9 @@ transform (rotations up to ``rotation_deg`` about each axis, about the brain's c
 a shift up to ``shift_mm`` along each), on another voxel size and field of view, with
 another orientation code. The transform is recorded in the ground truth
 (``derivatives/ground_truth/native/<participant>_transform.json``: ``native_from_mni``, the
-4x4 RAS+ millimetre mapping of a point of the MNI brain to the same point of the native
-head), so that registration can be checked against a known answer.
+4x4 RAS+ millimetre head pose, and ``native_from_template``, the pose composed with the
+subject's own head size, rotation and shift), so that registration can be checked against
+a known answer.
 """
 
 from __future__ import annotations
@@ -181,10 +182,18 @@ def transform_path(dataset_root: str | os.PathLike, participant_id: str) -> Path
             / f"{participant_id}_transform.json")
 
 
-def read_native_transform(dataset_root: str | os.PathLike, participant_id: str) -> np.ndarray:
-    """The recorded ``native_from_mni`` of a subject (4x4, RAS+ mm)."""
+def read_native_transform(dataset_root: str | os.PathLike, participant_id: str,
+                          which: str = "native_from_template") -> np.ndarray:
+    """A subject's recorded transform (4x4, RAS+ mm).
+
+    Parameters
+    ----------
+    which : {"native_from_template", "native_from_mni"}, default="native_from_template"
+        The whole affine from the template to the native image (what a registration should
+        recover), or the head pose alone (from the subject's MNI-space image).
+    """
     path = transform_path(dataset_root, participant_id)
     if not path.is_file():
         raise BrainAgeInputError("no recorded native transform (not a native-space cohort?)",
                                  path)
-    return np.asarray(json.loads(path.read_text(encoding="utf-8"))["native_from_mni"])
+    return np.asarray(json.loads(path.read_text(encoding="utf-8"))[which])

@@ -431,10 +431,7 @@ class SubjectRenderer:
             np.random.SeedSequence(c.seed, spawn_key=(index, SUBJECT_STREAM))
         )
         # Every draw happens whatever the amplitudes, so that the stream stays aligned.
-        sex_sign = 0.5 if sex == "M" else -0.5
-        log_size = s * (c.head_size_sex_difference * sex_sign + c.head_size_sd * rng.normal())
-        angles = np.deg2rad(s * c.rotation_deg) * rng.normal(size=3)
-        shift_mm = s * c.translation_mm * rng.normal(size=3)
+        log_size, angles, shift_mm = self._draw_pose(rng, sex)
         gamma = np.exp(s * c.contrast_sd * rng.normal())
         scale = np.exp(s * c.scale_sd * rng.normal())
         coarse = self._smooth_fields(rng, 4, c.deformation_spacing_mm)
@@ -463,6 +460,35 @@ class SubjectRenderer:
         in_brain = block_mean(brain, self.model.factor)[self.support] > 0
         out[self.support] += (s * c.noise_sd) * noise * in_brain
         return np.clip(out, 0.0, None)
+
+    def _draw_pose(self, rng: np.random.Generator, sex: str
+                   ) -> tuple[float, np.ndarray, np.ndarray]:
+        """The first draws of a subject's stream: log head size, rotation angles, shift."""
+        c = self.config
+        s = c.nuisance_scale
+        sex_sign = 0.5 if sex == "M" else -0.5
+        log_size = s * (c.head_size_sex_difference * sex_sign + c.head_size_sd * rng.normal())
+        angles = np.deg2rad(s * c.rotation_deg) * rng.normal(size=3)
+        shift_mm = s * c.translation_mm * rng.normal(size=3)
+        return float(log_size), angles, shift_mm
+
+    def subject_affine(self, index: int, sex: str) -> np.ndarray:
+        """The affine part of a subject's nuisance: ``subject_from_template`` (4x4, mm).
+
+        Head size, rotation and shift about the brain's centre (the smooth deformations,
+        which no affine holds, are left out): where a point of the template lands in the
+        subject's MNI-space image.
+        """
+        rng = np.random.default_rng(
+            np.random.SeedSequence(self.config.seed, spawn_key=(index, SUBJECT_STREAM)))
+        log_size, angles, shift_mm = self._draw_pose(rng, sex)
+        t = self.model.template
+        centre = nib.affines.apply_affine(t.affine, np.argwhere(t.mask).mean(axis=0))
+        inverse = np.exp(log_size) * _rotation(angles).T  # inv(rotation / size)
+        out = np.eye(4)
+        out[:3, :3] = inverse
+        out[:3, 3] = centre - inverse @ (centre + shift_mm)
+        return out
 
     def _smooth_fields(self, rng: np.random.Generator, n: int, spacing: float) -> np.ndarray:
         """``n`` smooth unit-variance random fields at the render points.
@@ -503,10 +529,16 @@ class SubjectRenderer:
             t = self.model.template
             centre = nib.affines.apply_affine(t.affine, np.argwhere(t.mask).mean(axis=0))
             img, pose = to_native(img, native, rng, centre, self.config.resolution)
+            anatomy = self.subject_affine(subject.index, subject.sex)
             write_json(transform_path(root, subject.participant_id), {
                 "native_from_mni": pose.tolist(),
-                "description": "RAS+ mm: a point of the MNI brain -> the same point of the "
-                               "native head",
+                "native_from_template": (pose @ anatomy).tolist(),
+                "description": "RAS+ mm. native_from_mni: the head pose, a point of the "
+                               "subject's MNI-space image -> the same point of the native "
+                               "image. native_from_template: a point of the template -> "
+                               "the native image, through the subject's own head size, "
+                               "rotation and shift (its smooth deformation left out): what "
+                               "an affine registration to the template should find.",
                 "native_space": native.to_dict(),
             })
         img.set_data_dtype(np.int16)  # nibabel picks the scaling (scl_slope)
