@@ -47,14 +47,19 @@ def test_native_images_are_written_as_a_scanner_would(native_cohort):
 
 
 def test_registration_recovers_the_known_transform(native_cohort):
+    residuals = []
     for path in _images(native_cohort):
         pid = path.name.split("_")[0]
         truth = read_native_transform(native_cohort, pid)
         reg = register_to_template(load_image(path), path)
-        residual = residual_displacement(reg.native_from_mni, truth)
-        assert residual["mean_mm"] < 2.0, (pid, residual)  # one voxel of the 2 mm grid
+        residual = residual_displacement(reg.native_from_mni, truth)["mean_mm"]
+        # these native voxels are 6 x 6 x 10 mm: within half a voxel each, and on average
+        # within one voxel of the 2 mm grid (the bench measures 4 mm cohorts: 0.6-0.9 mm)
+        assert residual < 3.0, (pid, residual)
+        residuals.append(residual)
         # and the pose itself was large: the images were far from MNI space
         assert residual_displacement(np.eye(4), truth)["mean_mm"] > 5.0
+    assert np.mean(residuals) < 2.0, residuals
 
 
 def test_prepare_registers_and_keys_the_cache_by_it(native_cohort, tmp_path):
