@@ -36,6 +36,7 @@ from brainage_core._utils.validation import (
 )
 from brainage_core.data.datasets import SPLITS, Augmentation, CohortDataset
 from brainage_core.data.protocol import Cohort
+from brainage_core.models.batchnorm import recalibrate_batchnorm
 from brainage_core.models.cnn import HEADS, NORMS, POOLS, BrainAgeCNN
 from brainage_core.models.distributed import (
     DistContext,
@@ -100,6 +101,10 @@ class TrainConfig:
         ``epochs``, or constant.
     warmup_epochs : float, default=0.5
         Linear warm-up length in epochs (0 for none).
+    batchnorm_recalibration : int, default=0
+        Before each validation, re-estimate the BatchNorm running statistics on this many
+        training images with the current weights (0: keep the running averages of training;
+        :func:`~brainage_core.models.batchnorm.recalibrate_batchnorm`).
     patience : int, default=10
         Early stopping: stop when the validation MAE has not improved for this many
         epochs. The returned model holds the best epoch's weights.
@@ -153,6 +158,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     schedule: str = "cosine"
     warmup_epochs: float = 0.5
+    batchnorm_recalibration: int = 0
     patience: int = 10
     min_epochs: int | None = None
     augment: dict[str, Any] = field(default_factory=dict)
@@ -191,6 +197,8 @@ class TrainConfig:
         if self.min_epochs is not None:
             check_positive("min_epochs", self.min_epochs, integer=True, allow_zero=True)
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        check_positive("batchnorm_recalibration", self.batchnorm_recalibration, integer=True,
+                       allow_zero=True)
         check_positive("warmup_epochs", self.warmup_epochs, allow_zero=True)
         check_positive("num_workers", self.num_workers, integer=True, allow_zero=True)
         if self.num_threads is not None:
@@ -547,6 +555,11 @@ class _Trainer:
             bar.update(1)
         train_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
+        if cfg.batchnorm_recalibration:
+            recalibrate_batchnorm(self.model, self.train_data,
+                                  n_images=cfg.batchnorm_recalibration,
+                                  batch_size=cfg.eval_batch_size, device=self.device,
+                                  channels_last=cfg.channels_last)
         preds = predict(self.model, self.val_data, batch_size=cfg.eval_batch_size,
                         device=self.device, channels_last=cfg.channels_last,
                         amp_dtype=self.amp_dtype)
