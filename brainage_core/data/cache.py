@@ -56,7 +56,7 @@ from brainage_core._utils.locks import LockBusy, file_lock
 from brainage_core._utils.validation import BrainAgeInputError, check_choice, check_positive
 from brainage_core._utils.workers import process_pool
 from brainage_core.data.manifest import AGE_RANGE, ON_ERROR_CHOICES, skip_hint, validate_manifest
-from brainage_core.data.preprocess import PREPROCESSING, preprocess_image
+from brainage_core.data.preprocess import preprocess_image, preprocessing_description
 from brainage_core.data.splits import SPLITS, check_split_fractions, make_splits
 from brainage_core.data.template import SUPPORTED_RESOLUTIONS, Template, load_template
 
@@ -271,6 +271,7 @@ def prepare_cohort(
     metadata: dict[str, Any] | None = None,
     age_range: Sequence[float] = AGE_RANGE,
     wait: bool | None = None,
+    register: bool = False,
 ) -> PreparedCohort:
     """Preprocess every image of a manifest into an on-disk cache (or reuse it).
 
@@ -304,6 +305,9 @@ def prepare_cohort(
         When another process prepares the same cache: wait for it (True) or raise
         :class:`~brainage_core._utils.locks.LockBusy` naming it (False); None waits unless
         the environment variable ``BRAINAGE_LOCK_WAIT`` is ``"0"`` (``--no-wait``).
+    register : bool, default=False
+        Register every image affinely to the MNI template first
+        (:mod:`brainage_core.data.register`; part of the cache key).
 
     Returns
     -------
@@ -314,7 +318,7 @@ def prepare_cohort(
     check_positive("n_jobs", n_jobs, integer=True)
     clean, manifest_skipped, params, key = _resolve(
         manifest, resolution=resolution, on_error=on_error, split_fractions=split_fractions,
-        seed=seed, metadata=metadata, age_range=age_range)
+        seed=seed, metadata=metadata, age_range=age_range, register=register)
     cache_dir = Path(cache_dir).expanduser().resolve()
     final = cache_dir / key
     if (final / "metadata.json").is_file():
@@ -349,6 +353,7 @@ def _resolve(
     seed: int,
     metadata: dict[str, Any] | None,
     age_range: Sequence[float],
+    register: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any], str]:
     """Check the arguments; return the validated manifest, its skipped rows, the
     parameters and the cache key."""
@@ -366,7 +371,7 @@ def _resolve(
     params = {
         "format_version": CACHE_FORMAT_VERSION,
         "resolution": int(resolution),
-        "preprocessing": PREPROCESSING,
+        "preprocessing": preprocessing_description(register),
         "on_error": on_error,
         "split_fractions": list(fractions),
         "seed": int(seed),
@@ -493,7 +498,8 @@ def _compute_images(
         unit="img",
         **({} if progress else {"disable": True}),  # else TQDM_DISABLE decides
     )
-    results = _iter_results(todo, paths, template.resolution, n_jobs)
+    register = "registration" in params["preprocessing"]
+    results = _iter_results(todo, paths, template.resolution, n_jobs, register)
     try:
         for i, array, error in results:
             if error is not None:
@@ -518,12 +524,12 @@ def _compute_images(
 
 
 def _iter_results(
-    todo: list[int], paths: list[str], resolution: int, n_jobs: int
+    todo: list[int], paths: list[str], resolution: int, n_jobs: int, register: bool = False
 ) -> Iterator[tuple[int, np.ndarray | None, tuple[str, str] | None]]:
     """Yield ``(index, float16 array or None, (reason, file) or None)`` as images finish."""
     if n_jobs == 1 or len(todo) < MIN_IMAGES_FOR_WORKERS:
         for i in todo:
-            yield _prepare_one(i, paths[i], resolution)
+            yield _prepare_one(i, paths[i], resolution, register)
         return
     # fork (Linux) starts workers at once, shares the loaded template and, unlike spawn,
     # works from scripts without an ``if __name__ == "__main__"`` guard. The workers die
@@ -534,7 +540,7 @@ def _iter_results(
         running: set[cf.Future] = set()
         try:
             for i in queue:
-                running.add(ex.submit(_prepare_one, i, paths[i], resolution))
+                running.add(ex.submit(_prepare_one, i, paths[i], resolution, register))
                 if len(running) >= window:
                     break
             while running:
@@ -543,18 +549,19 @@ def _iter_results(
                     yield fut.result()
                     nxt = next(queue, None)
                     if nxt is not None:
-                        running.add(ex.submit(_prepare_one, nxt, paths[nxt], resolution))
+                        running.add(
+                            ex.submit(_prepare_one, nxt, paths[nxt], resolution, register))
         finally:
             for fut in running:
                 fut.cancel()
 
 
 def _prepare_one(
-    index: int, path: str, resolution: int
+    index: int, path: str, resolution: int, register: bool = False
 ) -> tuple[int, np.ndarray | None, tuple[str, str] | None]:
     """Preprocess one image (runs in a worker); errors are returned, not raised."""
     try:
-        array = preprocess_image(path, load_template(resolution))
+        array = preprocess_image(path, load_template(resolution), register=register)
     except BrainAgeInputError as err:
         message = str(err)
         prefix = f"{err.path}: " if err.path else ""
@@ -770,6 +777,7 @@ def prepare_shard(
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
     age_range: Sequence[float] = AGE_RANGE,
+    register: bool = False,
 ) -> PreparedCohort | None:
     """Prepare one shard of a cohort; the shard that completes the set publishes it.
 
@@ -805,7 +813,7 @@ def prepare_shard(
     check_positive("n_jobs", n_jobs, integer=True)
     clean, manifest_skipped, params, key = _resolve(
         manifest, resolution=resolution, on_error=on_error, split_fractions=split_fractions,
-        seed=seed, metadata=metadata, age_range=age_range)
+        seed=seed, metadata=metadata, age_range=age_range, register=register)
     cache_dir = Path(cache_dir).expanduser().resolve()
     final = cache_dir / key
     if (final / "metadata.json").is_file():
