@@ -79,7 +79,8 @@ def test_shards_started_at_the_same_moment_publish_once(tmp_path: Path) -> None:
         proc.join(timeout=60)
     assert sorted(code for code, _ in results) == [0, 0], results
     assert any("prepared cohort:" in out for _, out in results)  # the last shard published
-    assert [p.name for p in cache.iterdir()] == [whole.root.name]  # and cleaned up
+    # and cleaned up: the cache and its QC report (written by the publishing shard) remain
+    assert sorted(p.name for p in cache.iterdir()) == [whole.root.name, f"{whole.root.name}.qc"]
     _same_cache(whole.root, cache / whole.root.name)
 
 
