@@ -12,6 +12,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from helpers.data import make_bids  # noqa: E402
+from helpers.runs import make_trained_run  # noqa: E402
 from helpers.synth import PUTAMEN_CONFIG, TINY_CONFIG  # noqa: E402
 
 from brainage_core.data.synth import SynthConfig, generate_cohort  # noqa: E402
@@ -41,3 +42,10 @@ def putamen_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder of a tiny cohort whose only age effect is putamen atrophy."""
     out = tmp_path_factory.mktemp("synth") / "putamen"
     return generate_cohort(SynthConfig.from_dict(PUTAMEN_CONFIG), out, n_jobs=1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_cohort: Path):
+    """A tiny run trained on :func:`tiny_cohort` (predictions, metrics, ``index.json``)."""
+    root = tmp_path_factory.mktemp("trained")
+    return make_trained_run(root / "run", tiny_cohort, root / "cache")

@@ -9,6 +9,7 @@ data       generation and preparation of a cohort: seconds per subject, peak RAM
 predict    the predictor on the default cohort: test/oracle/baseline MAE, seconds per epoch
 maps       the noise-model maps: localisation AUROC, region ranking, ms per subject;
            with --compare RUN_DIR: every attribution method side by side (step 06)
+memory     memory per subject of each heavy step at the run's grid, estimated at 2 and 1 mm
 =========  ================================================================================
 """
 
@@ -20,7 +21,7 @@ from types import ModuleType
 from brainage_core._utils.validation import BrainAgeInputError
 
 #: Benchmark modules in the order ``bench all`` runs them.
-BENCHMARKS = ("data", "predict", "maps")
+BENCHMARKS = ("data", "predict", "maps", "memory")
 
 
 def load_benchmark(name: str) -> ModuleType:

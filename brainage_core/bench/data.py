@@ -10,6 +10,8 @@ Prints, for generation (:func:`brainage_core.data.synth.cohort.generate_cohort`)
 - the time of a second preparation (a cache hit).
 
 Each phase runs in its own Python process so that its memory figures are its own.
+With ``--registration`` it benchmarks the registration of native-space images instead
+(:mod:`brainage_core.bench.registration`).
 Run it with ``brainage-study bench data [--n 1000 --resolution 2]`` or
 ``python -m brainage_core.bench.data --n 1000 --resolution 2``.
 """
@@ -27,6 +29,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from brainage_core.bench import registration
 
 #: Defaults: the figures the study reports (1,000 subjects at 2 mm).
 DEFAULT_N = 1000
@@ -66,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--json", dest="json_out", default=None, help="also write the figures to this JSON file"
     )
+    registration.add_arguments(parser)
     parser.add_argument("--phase", choices=("generate", "prepare"), help=argparse.SUPPRESS)
     parser.add_argument("--dataset", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
@@ -87,6 +92,8 @@ def run(args: argparse.Namespace | Sequence[str] | None = None) -> dict[str, Any
         The figures (see the module docstring).
     """
     opts = _parse(args)
+    if opts.registration:  # native-space images registered against a known answer
+        return registration.run(opts)
     with tempfile.TemporaryDirectory(prefix="bench-data-", dir=opts.workdir) as tmp:
         work = Path(tmp)
         if opts.keep:

@@ -24,7 +24,7 @@ from brainage_core._utils.locks import COMMAND_ENV, LOCK_WAIT_ENV
 from brainage_core._utils.validation import BrainAgeInputError
 
 #: Subcommand modules, in the order ``--help`` lists them.
-SUBCOMMANDS = ("synth", "prepare", "run", "book", "bench")
+SUBCOMMANDS = ("synth", "prepare", "run", "predict", "book", "bench")
 
 #: Exit status of a failure (bad input, unwritable folder, failed step).
 EXIT_ERROR = 1
@@ -104,7 +104,7 @@ def _describe_os_error(err: OSError) -> str:
 
 
 def _resume_note(args: argparse.Namespace) -> str:
-    if args.command in ("synth", "prepare", "run"):
+    if args.command in ("synth", "prepare", "run", "predict"):
         return "what was finished is kept; run the same command again to resume"
     return "nothing was finished"
 

@@ -18,6 +18,9 @@ the study). Benchmarks are figures, not tests: they take minutes, not seconds.
            and the ridge baseline, seconds per epoch, subjects per second, peak RAM
   maps     fit the noise model and score the maps against the planted ground truth:
            localisation AUROC, region ranking, milliseconds per subject
+  memory   memory per subject of each heavy step (training, noise model, integrated
+           gradients, prediction) at the run's grid, and estimated at 2 mm and 1 mm, to
+           size a GPU job: bench memory --preset paper [-p KEY VALUE] [--device cuda]
   all      all of the above, in that order
 """
 
@@ -26,7 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register the ``bench`` subcommand."""
     parser = subparsers.add_parser(
         "bench",
-        help="run the benchmarks (data, predict, maps) and print their figures",
+        help="run the benchmarks (data, predict, maps, memory) and print their figures",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -6,16 +6,19 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from brainage_core._utils.io import check_output_folder
-from brainage_core._utils.validation import check_positive
-from brainage_core.data.cache import prepare_cohort
+from brainage_core._utils.io import check_output_folder, write_table
+from brainage_core._utils.validation import BrainAgeInputError, check_positive
+from brainage_core.data.cache import PreparedCohort, prepare_cohort, prepare_shard
 from brainage_core.data.manifest import AGE_RANGE, ON_ERROR_CHOICES, check_age_range
+from brainage_core.data.qc import QC_POLICIES, cohort_qc
 from brainage_core.data.sources.bids import load_bids
 from brainage_core.data.sources.csv import load_csv
 from brainage_core.data.sources.oasis import fetch_oasis
-from brainage_core.data.template import SUPPORTED_RESOLUTIONS
+from brainage_core.data.template import SUPPORTED_RESOLUTIONS, load_template
+from brainage_core.plotting.qc import write_qc_page
 
 #: The library's spellings in error hints, as this command spells them.
 SPELLING = {
@@ -41,6 +44,12 @@ examples:
 
 A CSV manifest needs the columns participant_id, path (absolute, or relative to the CSV's
 folder) and age; sex, site and any other column are kept.
+
+A large cohort can be prepared by N processes, on one node or many sharing OUT: start
+  brainage-study prepare ... --shard I N        for I = 0 .. N-1 (at the same time)
+(for example --shard $SLURM_ARRAY_TASK_ID $SLURM_ARRAY_TASK_COUNT in a job array). Each
+shard prepares every N-th participant into its own folder, with no shared lock; the shard
+that completes the set publishes the cache, the same as one process would make.
 
 A killed or interrupted prepare leaves no worker behind and resumes where it stopped.
 Two prepares of the same data share the work: the second waits for the first (or, with
@@ -158,6 +167,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="if another process is preparing the same cache, stop at once (naming it) "
         "instead of waiting for it",
     )
+    parser.add_argument(
+        "--shard",
+        type=int,
+        nargs=2,
+        metavar=("INDEX", "COUNT"),
+        default=None,
+        help="prepare only participants INDEX, INDEX+COUNT, ... (0 <= INDEX < COUNT) into "
+        "a shard of the cache; the shard that completes the set publishes the cache",
+    )
+    parser.add_argument(
+        "--register",
+        action="store_true",
+        help="register every image affinely to the MNI template first (raw T1 images; "
+        "SimpleITK; part of the cache key)",
+    )
+    parser.add_argument(
+        "--qc",
+        choices=QC_POLICIES,
+        default="warn",
+        help="input quality control of every image against the template and the cohort "
+        "(brainage_core.data.qc): warn lists the flagged images (default), skip leaves them "
+        "out, raise stops at the first; the table and page go to CACHE_DIR/<key>.qc/",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run, spelling=SPELLING)
     return parser
@@ -188,7 +220,35 @@ def run(args: argparse.Namespace) -> int:
         attrs = dict(manifest.attrs)
         manifest = manifest.iloc[: args.n_subjects].reset_index(drop=True)
         manifest.attrs = attrs
-    cohort = prepare_cohort(
+    # QC is per image and deterministic, so every shard drops the same images with --qc skip
+    manifest, checked = _quality_control(manifest, args)
+    if args.shard is not None:
+        cohort = prepare_shard(
+            manifest,
+            args.out,
+            shard=tuple(args.shard),
+            resolution=args.resolution,
+            on_error=args.on_error,
+            split_fractions=args.split_fractions,
+            seed=args.seed,
+            n_jobs=args.n_jobs,
+            progress=not args.no_progress,
+            age_range=tuple(args.age_range),
+            register=args.register,
+        )
+        if cohort is None:
+            index, count = args.shard
+            print(f"shard {index} of {count} done; the shard that completes the set "
+                  "publishes the cache")
+            return 0
+    else:
+        cohort = _prepare_whole(args, manifest)
+    _summary(cohort, checked, args)
+    return 0
+
+
+def _prepare_whole(args: argparse.Namespace, manifest: pd.DataFrame) -> PreparedCohort:
+    return prepare_cohort(
         manifest,
         args.out,
         resolution=args.resolution,
@@ -199,7 +259,11 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         age_range=tuple(args.age_range),
         wait=not args.no_wait,
+        register=args.register,
     )
+
+
+def _summary(cohort: PreparedCohort, checked: pd.DataFrame, args: argparse.Namespace) -> None:
     counts = cohort.table["split"].value_counts()
     print(f"prepared cohort: {cohort.root}")
     print(
@@ -207,9 +271,47 @@ def run(args: argparse.Namespace) -> int:
         f"train {counts.get('train', 0)}, val {counts.get('val', 0)}, "
         f"test {counts.get('test', 0)}"
     )
+    _report_qc(checked, cohort, args)
     skipped = cohort.skipped
     if len(skipped):
         print(f"  {len(skipped)} participant(s) skipped (listed in {cohort.root / 'skipped.tsv'}):")
         with pd.option_context("display.max_colwidth", 120, "display.width", 200):
             print(skipped[["participant_id", "reason"]].to_string(index=False), file=sys.stdout)
-    return 0
+
+
+def _quality_control(manifest: pd.DataFrame, args: argparse.Namespace
+                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """QC every image with a file; with ``--qc skip`` drop the flagged ones."""
+    has_file = [bool(p) and Path(str(p)).is_file() for p in manifest["path"]]
+    checked = cohort_qc(manifest.loc[has_file], load_template(args.resolution),
+                        register=args.register, progress=not args.no_progress)
+    bad = checked[~checked["qc_pass"] & ~checked["qc_flags"].str.startswith("unreadable")]
+    if len(bad) and args.qc == "raise":
+        first = bad.iloc[0]
+        raise BrainAgeInputError(
+            f"participant {first['participant_id']!r} fails quality control: "
+            f"{first['qc_reasons']} (use --qc warn to keep it flagged, --qc skip to leave it "
+            "out)", first["path"])
+    if len(bad) and args.qc == "skip":
+        attrs = dict(manifest.attrs)
+        manifest = manifest[~manifest["path"].isin(set(bad["path"]))].reset_index(drop=True)
+        manifest.attrs = attrs
+    return manifest, checked
+
+
+def _report_qc(checked: pd.DataFrame, cohort, args: argparse.Namespace) -> None:
+    folder = cohort.root.with_name(f"{cohort.root.name}.qc")
+    folder.mkdir(exist_ok=True)
+    checked = checked.assign(qc_action=np.where(checked["qc_pass"], "ok",
+                                                "skipped" if args.qc == "skip" else "flagged"))
+    write_table(folder / "qc.tsv", checked)
+    write_qc_page(checked, folder, load_template(args.resolution),
+                  title=f"QC of {len(checked)} images ({cohort.root.name})")
+    flagged = checked[~checked["qc_pass"]]
+    if len(flagged):
+        print(f"  QC flagged {len(flagged)} image(s)"
+              f"{' (left out)' if args.qc == 'skip' else ''}; see {folder / 'qc.html'}:")
+        with pd.option_context("display.max_colwidth", 160, "display.width", 220):
+            print(flagged[["participant_id", "qc_reasons"]].to_string(index=False))
+    else:
+        print(f"  QC: every image passed ({folder / 'qc.html'})")

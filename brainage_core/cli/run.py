@@ -105,15 +105,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="if another command uses the run folder (or prepares the same cache), stop at "
              "once naming it instead of waiting for it",
     )
+    parser.add_argument(
+        "--nproc", type=int, default=1, metavar="N",
+        help="processes per node of the heavy steps (training, noise model, maps): with "
+             "N > 1 the notebooks launch them through torchrun (one per GPU; gloo on the "
+             "CPU) and show their results (default: 1, in the notebook's kernel)",
+    )
     parser.set_defaults(func=main, spelling=SPELLING)
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
     """Resolve the configuration and run the pipeline; return the exit code."""
+    from brainage_core._utils.validation import check_positive
     from brainage_core.pipeline.runner import NOTEBOOK_DIR, StepFailed, run_pipeline
     from brainage_core.study.config import dump_config
+    from brainage_core.study.launch import NPROC_ENV
 
+    check_positive("--nproc", args.nproc, integer=True)
     config = load_config(args.preset, args.config, [tuple(p) for p in args.params])
     if args.run_dir is not None:
         check_output_folder(args.run_dir, "--run-dir")
@@ -128,6 +137,8 @@ def main(args: argparse.Namespace) -> int:
         print(dump_config(config), end="")
         return 0
     start = time.perf_counter()
+    previous = os.environ.get(NPROC_ENV)
+    os.environ[NPROC_ENV] = str(args.nproc)  # read by the notebooks' launch_step
     try:
         result = run_pipeline(
             config,
@@ -143,6 +154,8 @@ def main(args: argparse.Namespace) -> int:
             message = message.replace(python, cli)
         print(f"brainage-study run: error: {message}", file=sys.stderr)
         return 1
+    finally:
+        _restore(NPROC_ENV, previous)
     if args.run_dir is None:
         _link_latest(args.runs_root, config["name"], result.run_dir)
     minutes = (time.perf_counter() - start) / 60
@@ -152,6 +165,13 @@ def main(args: argparse.Namespace) -> int:
         f"Build the book with: brainage-study book --run-dir {run_dir}"
     )
     return 0
+
+
+def _restore(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def _link_latest(runs_root: str, name: str, run_dir: os.PathLike) -> None:

@@ -42,6 +42,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ from brainage_core._utils.locks import LockBusy, file_lock
 from brainage_core._utils.validation import BrainAgeInputError, check_choice, check_positive
 from brainage_core._utils.workers import process_pool
 from brainage_core.data.manifest import AGE_RANGE, ON_ERROR_CHOICES, skip_hint, validate_manifest
-from brainage_core.data.preprocess import PREPROCESSING, preprocess_image
+from brainage_core.data.preprocess import preprocess_image, preprocessing_description
 from brainage_core.data.splits import SPLITS, check_split_fractions, make_splits
 from brainage_core.data.template import SUPPORTED_RESOLUTIONS, Template, load_template
 
@@ -74,6 +75,9 @@ _SKIPPED_COLUMNS = ["participant_id", "path", "reason"]
 #: else there was left half-written by an interruption and is removed.
 _PARTIAL_FILES = ("images.npy", "done.tsv", "partial.json")
 
+#: The file a finished shard of a sharded preparation writes last.
+_SHARD_DONE = "complete.json"
+
 __all__ = [
     "CACHE_FORMAT_VERSION",
     "ImageFileWriter",
@@ -81,6 +85,8 @@ __all__ = [
     "cache_key",
     "file_lock",
     "prepare_cohort",
+    "prepare_shard",
+    "shard_folder",
 ]
 
 
@@ -265,6 +271,7 @@ def prepare_cohort(
     metadata: dict[str, Any] | None = None,
     age_range: Sequence[float] = AGE_RANGE,
     wait: bool | None = None,
+    register: bool = False,
 ) -> PreparedCohort:
     """Preprocess every image of a manifest into an on-disk cache (or reuse it).
 
@@ -298,6 +305,9 @@ def prepare_cohort(
         When another process prepares the same cache: wait for it (True) or raise
         :class:`~brainage_core._utils.locks.LockBusy` naming it (False); None waits unless
         the environment variable ``BRAINAGE_LOCK_WAIT`` is ``"0"`` (``--no-wait``).
+    register : bool, default=False
+        Register every image affinely to the MNI template first
+        (:mod:`brainage_core.data.register`; part of the cache key).
 
     Returns
     -------
@@ -305,30 +315,10 @@ def prepare_cohort(
         The cohort; a second call with the same inputs returns the same cache without
         computing anything.
     """
-    check_choice("resolution", resolution, SUPPORTED_RESOLUTIONS)
-    check_choice("on_error", on_error, ON_ERROR_CHOICES)
-    fractions = check_split_fractions(split_fractions)
     check_positive("n_jobs", n_jobs, integer=True)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise BrainAgeInputError(f"'seed' must be an integer; {seed!r} was provided.")
-    source_meta = dict(getattr(manifest, "attrs", {}).get("metadata", {}))
-    source_meta.update(metadata or {})
-    source = str(source_meta.get("source_root") or source_meta.get("source") or "manifest")
-    clean = validate_manifest(manifest, source, on_error=on_error, age_range=age_range)
-    if len(clean) == 0:
-        raise BrainAgeInputError("no usable participant in the manifest", source)
-    manifest_skipped = clean.attrs["skipped"]
-
-    params = {
-        "format_version": CACHE_FORMAT_VERSION,
-        "resolution": int(resolution),
-        "preprocessing": PREPROCESSING,
-        "on_error": on_error,
-        "split_fractions": list(fractions),
-        "seed": int(seed),
-        "source": source_meta,
-    }
-    key = cache_key(clean, manifest_skipped, params)
+    clean, manifest_skipped, params, key = _resolve(
+        manifest, resolution=resolution, on_error=on_error, split_fractions=split_fractions,
+        seed=seed, metadata=metadata, age_range=age_range, register=register)
     cache_dir = Path(cache_dir).expanduser().resolve()
     final = cache_dir / key
     if (final / "metadata.json").is_file():
@@ -352,6 +342,43 @@ def prepare_cohort(
         )
         _publish(clean, manifest_skipped, records, partial, final, template, params, key)
     return PreparedCohort.open(final)
+
+
+def _resolve(
+    manifest: pd.DataFrame,
+    *,
+    resolution: int,
+    on_error: str,
+    split_fractions: Sequence[float],
+    seed: int,
+    metadata: dict[str, Any] | None,
+    age_range: Sequence[float],
+    register: bool = False,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any], str]:
+    """Check the arguments; return the validated manifest, its skipped rows, the
+    parameters and the cache key."""
+    check_choice("resolution", resolution, SUPPORTED_RESOLUTIONS)
+    check_choice("on_error", on_error, ON_ERROR_CHOICES)
+    fractions = check_split_fractions(split_fractions)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise BrainAgeInputError(f"'seed' must be an integer; {seed!r} was provided.")
+    source_meta = dict(getattr(manifest, "attrs", {}).get("metadata", {}))
+    source_meta.update(metadata or {})
+    source = str(source_meta.get("source_root") or source_meta.get("source") or "manifest")
+    clean = validate_manifest(manifest, source, on_error=on_error, age_range=age_range)
+    if len(clean) == 0:
+        raise BrainAgeInputError("no usable participant in the manifest", source)
+    params = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "resolution": int(resolution),
+        "preprocessing": preprocessing_description(register),
+        "on_error": on_error,
+        "split_fractions": list(fractions),
+        "seed": int(seed),
+        "source": source_meta,
+    }
+    skipped = clean.attrs["skipped"]
+    return clean, skipped, params, cache_key(clean, skipped, params)
 
 
 def _remove_superseded_partials(cache_dir: Path, key: str, params: dict[str, Any]) -> None:
@@ -418,12 +445,19 @@ def _compute_images(
     on_error: str,
     n_jobs: int,
     progress: bool,
+    positions: Sequence[int] | None = None,
 ) -> dict[int, str | None]:
-    """Fill ``partial/images.npy``; return {index: None (done) or skip reason}."""
+    """Fill ``partial/images.npy``; return {index: None (done) or skip reason}.
+
+    With ``positions``, only those manifest rows are prepared, into slots ``0..`` of the
+    file (and the indices returned are those slots).
+    """
+    if positions is not None:
+        manifest = manifest.iloc[list(positions)].reset_index(drop=True)
     n = len(manifest)
     shape = (n, *template.shape)
     partial.mkdir(parents=True, exist_ok=True)
-    _clean_partial(partial)
+    _clean_partial(partial, keep=(*_PARTIAL_FILES, _SHARD_DONE))
     if not (partial / "partial.json").is_file():
         write_json(
             partial / "partial.json",
@@ -464,7 +498,8 @@ def _compute_images(
         unit="img",
         **({} if progress else {"disable": True}),  # else TQDM_DISABLE decides
     )
-    results = _iter_results(todo, paths, template.resolution, n_jobs)
+    register = "registration" in params["preprocessing"]
+    results = _iter_results(todo, paths, template.resolution, n_jobs, register)
     try:
         for i, array, error in results:
             if error is not None:
@@ -489,12 +524,12 @@ def _compute_images(
 
 
 def _iter_results(
-    todo: list[int], paths: list[str], resolution: int, n_jobs: int
+    todo: list[int], paths: list[str], resolution: int, n_jobs: int, register: bool = False
 ) -> Iterator[tuple[int, np.ndarray | None, tuple[str, str] | None]]:
     """Yield ``(index, float16 array or None, (reason, file) or None)`` as images finish."""
     if n_jobs == 1 or len(todo) < MIN_IMAGES_FOR_WORKERS:
         for i in todo:
-            yield _prepare_one(i, paths[i], resolution)
+            yield _prepare_one(i, paths[i], resolution, register)
         return
     # fork (Linux) starts workers at once, shares the loaded template and, unlike spawn,
     # works from scripts without an ``if __name__ == "__main__"`` guard. The workers die
@@ -505,7 +540,7 @@ def _iter_results(
         running: set[cf.Future] = set()
         try:
             for i in queue:
-                running.add(ex.submit(_prepare_one, i, paths[i], resolution))
+                running.add(ex.submit(_prepare_one, i, paths[i], resolution, register))
                 if len(running) >= window:
                     break
             while running:
@@ -514,18 +549,19 @@ def _iter_results(
                     yield fut.result()
                     nxt = next(queue, None)
                     if nxt is not None:
-                        running.add(ex.submit(_prepare_one, nxt, paths[nxt], resolution))
+                        running.add(
+                            ex.submit(_prepare_one, nxt, paths[nxt], resolution, register))
         finally:
             for fut in running:
                 fut.cancel()
 
 
 def _prepare_one(
-    index: int, path: str, resolution: int
+    index: int, path: str, resolution: int, register: bool = False
 ) -> tuple[int, np.ndarray | None, tuple[str, str] | None]:
     """Preprocess one image (runs in a worker); errors are returned, not raised."""
     try:
-        array = preprocess_image(path, load_template(resolution))
+        array = preprocess_image(path, load_template(resolution), register=register)
     except BrainAgeInputError as err:
         message = str(err)
         prefix = f"{err.path}: " if err.path else ""
@@ -543,8 +579,12 @@ def _publish(
     template: Template,
     params: dict[str, Any],
     key: str,
+    compacted: bool = False,
 ) -> None:
-    """Compact, write the table, splits and metadata, then move ``partial`` to ``final``."""
+    """Compact, write the table, splits and metadata, then move ``partial`` to ``final``.
+
+    With ``compacted``, ``partial/images.npy`` already holds only the kept subjects.
+    """
     n = len(manifest)
     ok = np.array([records.get(i, "not processed") is None for i in range(n)])
     image_skipped = pd.DataFrame(
@@ -566,7 +606,7 @@ def _publish(
             params["source"].get("source_root"),
         )
     images_path = partial / "images.npy"
-    if not ok.all():  # drop the skipped slots, streaming
+    if not ok.all() and not compacted:  # drop the skipped slots, streaming
         src = np.load(images_path, mmap_mode="r")
         compact_path = partial / "images.compact.npy"
         dst = ImageFileWriter.create(compact_path, (int(ok.sum()), *src.shape[1:]))
@@ -716,3 +756,160 @@ def _read_tsv(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
         dtype={"participant_id": str, "path": str, "sex": object, "site": str},
     )
     return table
+
+
+# -- sharded preparation --------------------------------------------------------------------
+def shard_folder(cache_dir: str | os.PathLike, key: str, shard: tuple[int, int]) -> Path:
+    """``<cache_dir>/<key>.shard-<i>-of-<n>/``: the part of one shard."""
+    return Path(cache_dir) / f"{key}.shard-{shard[0]}-of-{shard[1]}"
+
+
+def prepare_shard(
+    manifest: pd.DataFrame,
+    cache_dir: str | os.PathLike,
+    *,
+    shard: tuple[int, int],
+    resolution: int = 2,
+    on_error: str = "raise",
+    split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    seed: int = 0,
+    n_jobs: int = 1,
+    progress: bool = True,
+    metadata: dict[str, Any] | None = None,
+    age_range: Sequence[float] = AGE_RANGE,
+    register: bool = False,
+) -> PreparedCohort | None:
+    """Prepare one shard of a cohort; the shard that completes the set publishes it.
+
+    Start ``n`` processes (or ``torchrun`` ranks, or the tasks of a scheduler's job array,
+    on one node or many sharing the cache folder) with ``shard=(i, n)``, ``i = 0..n-1``
+    and otherwise the same arguments as :func:`prepare_cohort`. Shard ``i`` preprocesses
+    manifest rows ``i, i + n, i + 2n, ...`` into its own folder
+    ``<key>.shard-<i>-of-<n>/`` (resumable as an unsharded preparation is), with no
+    shared lock: no two shards write the same file. Whichever shard finds every shard
+    complete publishes the cache: it claims the publication by creating the folder
+    ``<key>.publishing/`` (an atomic ``mkdir``, which network file systems honour where
+    ``flock`` may fail), writes the final ``images.npy`` once, with the kept subjects
+    only (a skipped subject is simply not copied), and moves the cache into place with
+    one :func:`os.replace`. The published cache is the one :func:`prepare_cohort` makes
+    from the same inputs, byte for byte.
+
+    Parameters
+    ----------
+    shard : (int, int)
+        ``(index, count)`` with ``0 <= index < count``.
+    n_jobs : int, default=1
+        Worker processes of this shard (one process per shard is the usual layout).
+    Other parameters
+        As :func:`prepare_cohort`.
+
+    Returns
+    -------
+    PreparedCohort or None
+        The cohort once published (by this call or an earlier one); None while other
+        shards are unfinished, or while another process publishes.
+    """
+    index, count = _check_shard(shard)
+    check_positive("n_jobs", n_jobs, integer=True)
+    clean, manifest_skipped, params, key = _resolve(
+        manifest, resolution=resolution, on_error=on_error, split_fractions=split_fractions,
+        seed=seed, metadata=metadata, age_range=age_range, register=register)
+    cache_dir = Path(cache_dir).expanduser().resolve()
+    final = cache_dir / key
+    if (final / "metadata.json").is_file():
+        return PreparedCohort.open(final)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    template = load_template(resolution)
+    part = shard_folder(cache_dir, key, (index, count))
+    positions = range(index, len(clean), count)
+    if not (part / _SHARD_DONE).is_file():
+        records = _compute_images(clean, part, template, params=params, on_error=on_error,
+                                  n_jobs=n_jobs, progress=progress, positions=positions)
+        write_json(part / _SHARD_DONE, {"shard": [index, count], "n_rows": len(positions),
+                                        "n_done": len(records)})
+    return _publish_shards(clean, manifest_skipped, cache_dir, key, count, template, params)
+
+
+def _check_shard(shard: Any) -> tuple[int, int]:
+    ok = (
+        isinstance(shard, (tuple, list))
+        and len(shard) == 2
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in shard)
+        and shard[1] >= 1
+        and 0 <= shard[0] < shard[1]
+    )
+    if not ok:
+        raise BrainAgeInputError(
+            f"'shard' must be (index, count) with 0 <= index < count; {shard!r} was provided."
+        )
+    return int(shard[0]), int(shard[1])
+
+
+def _publish_shards(
+    manifest: pd.DataFrame,
+    manifest_skipped: pd.DataFrame,
+    cache_dir: Path,
+    key: str,
+    count: int,
+    template: Template,
+    params: dict[str, Any],
+) -> PreparedCohort | None:
+    """Publish the cache if every shard is complete and nobody else is publishing it."""
+    final = cache_dir / key
+    parts = [shard_folder(cache_dir, key, (i, count)) for i in range(count)]
+    if not all((part / _SHARD_DONE).is_file() for part in parts):
+        return None
+    claim = cache_dir / f"{key}.publishing"
+    if not _claim(claim):
+        return PreparedCohort.open(final) if (final / "metadata.json").is_file() else None
+    try:
+        if (final / "metadata.json").is_file():
+            return PreparedCohort.open(final)
+        n = len(manifest)
+        records: dict[int, str | None] = {}
+        for i, part in enumerate(parts):
+            local = _read_done(part / "done.tsv", len(range(i, n, count)))
+            records.update({i + k * count: reason for k, reason in local.items()})
+        ok = np.array([records.get(i, "not processed") is None for i in range(n)])
+        folder = claim / "cohort"
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir()
+        if ok.any():
+            sources = [np.load(part / "images.npy", mmap_mode="r") for part in parts]
+            writer = ImageFileWriter.create(folder / "images.npy",
+                                            (int(ok.sum()), *template.shape))
+            try:
+                for j, i in enumerate(np.flatnonzero(ok)):
+                    writer.write(j, sources[i % count][i // count])
+            finally:
+                writer.close()
+            del sources
+        _publish(manifest, manifest_skipped, records, folder, final, template, params, key,
+                 compacted=True)
+        for part in parts:
+            shutil.rmtree(part, ignore_errors=True)
+    finally:
+        shutil.rmtree(claim, ignore_errors=True)
+    return PreparedCohort.open(final)
+
+
+def _claim(claim: Path) -> bool:
+    """Create ``claim`` (atomic); take over a claim whose holder on this host is gone."""
+    from brainage_core._utils.locks import LockHolder
+
+    for _ in range(2):
+        try:
+            claim.mkdir()
+        except FileExistsError:
+            try:
+                holder = LockHolder(**json.loads((claim / "holder.json").read_text("utf-8")))
+            except (OSError, ValueError, TypeError):
+                return False  # being created just now, or unreadable: leave it
+            if holder.is_alive() is not False:
+                return False
+            shutil.rmtree(claim, ignore_errors=True)  # its holder died: take over
+            continue
+        write_json(claim / "holder.json", asdict(LockHolder.current()))
+        return True
+    return False

@@ -39,6 +39,7 @@ DATA_DEFAULTS: dict[str, Any] = {
     "bids": {},
     "age_range": list(AGE_RANGE),
     "synthetic": {},
+    "register": False,
 }
 
 
@@ -90,6 +91,9 @@ def resolve_data_config(data_config: Mapping[str, Any]) -> dict[str, Any]:
     check_choice("data.resolution", cfg["resolution"], SUPPORTED_RESOLUTIONS)
     check_choice("data.on_error", cfg["on_error"], ON_ERROR_CHOICES)
     cfg["split_fractions"] = list(check_split_fractions(cfg["split_fractions"]))
+    if not isinstance(cfg["register"], bool):
+        raise BrainAgeInputError(
+            f"'data.register' must be true or false; {cfg['register']!r} was provided.")
     if SOURCES[cfg["source"]].needs_path and not cfg["path"]:
         raise BrainAgeInputError(
             f"'data.path' is required with data.source={cfg['source']!r}: give the BIDS "
@@ -120,7 +124,8 @@ def load_cohort(
         ``resolution`` (cache grid, mm), ``cache_dir`` (relative to the current
         directory), ``on_error`` ("raise" or "skip"), ``split_fractions``,
         ``age_range`` (plausible ages, default [0, 120]) and ``synthetic``
-        (:class:`brainage_core.data.synth.config.SynthConfig` fields).
+        (:class:`brainage_core.data.synth.config.SynthConfig` fields) and ``register``
+        (affine registration to the MNI template first, default false).
     progress : bool, default=True
         Show progress bars.
     n_jobs : int, default=2
@@ -154,6 +159,7 @@ def load_cohort(
         n_jobs=n_jobs,
         progress=progress,
         age_range=cfg["age_range"],
+        register=cfg["register"],
     )
 
 

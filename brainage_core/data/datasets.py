@@ -150,7 +150,9 @@ class CohortDataset(Dataset):
         self.indices = indices
         self.augment = augment if augment is not None and augment.active else None
         self.seed = int(seed)
-        self.epoch = 0
+        # In shared memory, so that set_epoch reaches persistent DataLoader workers too
+        # (each worker holds a copy of the dataset, but this tensor's storage is shared).
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         ages = cohort.table["age"].to_numpy(dtype=np.float32)[indices]
         self.ages = torch.from_numpy(np.ascontiguousarray(ages))
         self._images = cohort.images
@@ -168,9 +170,15 @@ class CohortDataset(Dataset):
         """Participant identifiers of the items, in item order."""
         return self.cohort.table["participant_id"].to_numpy()[self.indices]
 
+    @property
+    def epoch(self) -> int:
+        """The epoch that seeds the augmentations."""
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """Set the epoch that seeds the augmentations."""
-        self.epoch = int(epoch)
+        """Set the epoch that seeds the augmentations, in this process and in the
+        (persistent) loader workers that hold a copy of this dataset."""
+        self._epoch.fill_(int(epoch))
 
     def __len__(self) -> int:
         return int(self.indices.size)

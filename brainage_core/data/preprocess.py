@@ -251,15 +251,46 @@ def normalise_intensities(
     return out
 
 
-def preprocess_image(img: ImageLike, template: Template) -> np.ndarray:
-    """Validate, reorient, resample, mask and normalise one image.
+def preprocessing_description(register: bool = False) -> dict:
+    """What the preprocessing does (stored in the cache key and a run's index).
+
+    :data:`PREPROCESSING`, plus the registration's description when ``register`` is on.
+    """
+    if not register:
+        return PREPROCESSING
+    from brainage_core.data.register import REGISTRATION
+
+    return {**PREPROCESSING, "registration": REGISTRATION}
+
+
+def align(img: nib.Nifti1Image, register: bool, name: str | os.PathLike = "<image>"
+          ) -> nib.Nifti1Image:
+    """The image itself, or with ``register`` its affinely registered version (MNI space).
+
+    See :mod:`brainage_core.data.register`; a failed or implausible registration is an
+    error naming the file.
+    """
+    if not register:
+        return img
+    from brainage_core.data.register import apply_registration, register_to_template
+
+    return apply_registration(img, register_to_template(img, name).native_from_mni)
+
+
+def preprocess_image(img: ImageLike, template: Template, *, register: bool = False
+                     ) -> np.ndarray:
+    """Validate, (register,) reorient, resample, mask and normalise one image.
 
     Parameters
     ----------
     img : str, os.PathLike or nibabel image
-        The image (in MNI space, any orientation or voxel size).
+        The image (in MNI space, any orientation or voxel size; or, with ``register``, in
+        any space).
     template : Template
         Target grid and brain mask (:func:`brainage_core.data.template.load_template`).
+    register : bool, default=False
+        First register the image affinely to the MNI template
+        (:mod:`brainage_core.data.register`).
 
     Returns
     -------
@@ -271,6 +302,6 @@ def preprocess_image(img: ImageLike, template: Template) -> np.ndarray:
         if not isinstance(img, nib.spatialimages.SpatialImage)
         else (img.get_filename() or "<image in memory>")
     )
-    image = reorient(load_image(img))
+    image = reorient(align(load_image(img), register, name))
     data = resample_to_template(image, template)
     return normalise_intensities(data, template.mask, name)

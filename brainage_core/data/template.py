@@ -132,7 +132,9 @@ def load_template(resolution: int = 2, *, crop: bool = True) -> Template:
 
 
 def _as_float(img: nib.spatialimages.SpatialImage) -> np.ndarray:
-    return np.asarray(img.get_fdata(dtype=np.float32), dtype=np.float32)
+    # a copy: nibabel caches get_fdata's array in the (cached) nilearn image, and the
+    # template's arrays are scaled in place and made read-only
+    return np.array(img.get_fdata(dtype=np.float32), dtype=np.float32, copy=True)
 
 
 def _bounding_box(mask: np.ndarray, margin: int) -> tuple[list[int], list[int]]:

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+
+from brainage_core._utils.validation import BrainAgeInputError
 
 
 @dataclass(frozen=True)
@@ -50,13 +54,37 @@ class DistContext:
         return self.world_size > 1
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` gives the local CUDA device when one is present, else the CPU."""
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The device this process should compute on.
+
+    ``"auto"`` gives the local CUDA device when one is present, else the CPU. ``"auto"``
+    and ``"cuda"`` (without an index) give ``cuda:LOCAL_RANK`` under ``torchrun``, so that
+    each process of a node has its own GPU; ``"cuda:N"`` is taken as it is.
+    """
+    if isinstance(device, torch.device):
+        return device
     if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        device = "cuda"
+    if device == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(device)
+
+
+def amp_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
+    """The autocast dtype for ``device``: None (full precision) on the CPU or if disabled.
+
+    bfloat16 where the GPU computes it natively (compute capability 8.0 or newer: A100,
+    H100, RTX 30xx and later), float16 (to be used with a
+    :class:`torch.amp.GradScaler`) on older GPUs such as the V100 or T4.
+    ``torch.cuda.is_bf16_supported()`` is not used: it answers True on GPUs that only
+    emulate bfloat16, slowly.
+    """
+    if not enabled or device.type != "cuda":
+        return None
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16
 
 
 def init_distributed(device: str = "auto") -> DistContext:
@@ -72,6 +100,11 @@ def init_distributed(device: str = "auto") -> DistContext:
         ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     """
     dev = resolve_device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BrainAgeInputError(
+            f"'device' is {device!r}, but this machine has no CUDA GPU that torch can use; "
+            "use 'auto' or 'cpu'."
+        )
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -90,6 +123,27 @@ def broadcast_float(value: float, ctx: DistContext) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device(ctx))
     dist.broadcast(t, src=0)
     return float(t.item())
+
+
+def shard_positions(n: int, ctx: DistContext) -> range:
+    """Positions ``rank, rank + world, ...`` of ``n`` items that this process handles."""
+    return range(ctx.rank, n, ctx.world_size)
+
+
+def gather_shards(values: np.ndarray, n: int, ctx: DistContext) -> np.ndarray:
+    """Reassemble per-process results of :func:`shard_positions` into all ``n`` items.
+
+    Every process returns the whole array, in item order.
+    """
+    values = np.asarray(values)
+    if not ctx.distributed:
+        return values
+    parts: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(parts, values)
+    out = np.empty((n, *values.shape[1:]), dtype=values.dtype)
+    for rank, part in enumerate(parts):
+        out[rank::ctx.world_size] = part
+    return out
 
 
 def barrier(ctx: DistContext) -> None:

@@ -57,6 +57,7 @@ def predict(
     device: str | torch.device | None = None,
     channels_last: bool = False,
     amp_dtype: torch.dtype | None = None,
+    num_workers: int = 0,
 ) -> np.ndarray:
     """Predict ages (years) for every item of a dataset or every subject of a cohort.
 
@@ -76,7 +77,10 @@ def predict(
     channels_last : bool, default=False
         Feed inputs in the ``channels_last_3d`` memory format.
     amp_dtype : torch.dtype or None, default=None
-        Autocast dtype on CUDA (None: full precision).
+        Autocast dtype on CUDA (None: full precision). Outputs are cast to float32.
+    num_workers : int, default=0
+        DataLoader worker processes reading (and converting) the volumes; on CUDA the
+        batches go through pinned memory.
 
     Returns
     -------
@@ -94,8 +98,10 @@ def predict(
     model.eval()
     out = []
     try:
-        for x, _ in DataLoader(data, batch_size=batch_size, shuffle=False):
-            x = x.to(device)
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False,
+                            num_workers=num_workers, pin_memory=device.type == "cuda")
+        for x, _ in loader:
+            x = x.to(device, non_blocking=True)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

@@ -107,8 +107,12 @@ def fit_noise_model(study: MapsStudy, *, progress: bool = True) -> FitResult:
         checkpoint_path=study.noise_checkpoint,
         resume=resume,
         progress=progress,
+        num_workers=s.num_workers,
+        amp=s.amp,
     )
     seconds = float(explainer.history_["seconds"].sum())
+    if not _is_main_process():  # under torchrun, rank 0 alone writes the run's files
+        return FitResult(explainer=explainer, calibration=curve, train_seconds=seconds)
     study.run.update_metrics(
         "maps",
         {
@@ -153,8 +157,16 @@ def _calibration_curve(study: MapsStudy, *, progress: bool) -> pd.DataFrame:
         progress=progress,
     )
     curve = result.curve.assign(tolerance=s.tolerance)
-    write_table(path, curve)
+    if _is_main_process():
+        write_table(path, curve)
     return curve
+
+
+def _is_main_process() -> bool:
+    """False in the processes of a ``torchrun`` job but rank 0."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def write_subject_maps(
@@ -168,13 +180,17 @@ def write_subject_maps(
 ) -> pd.DataFrame:
     """Explain every subject of a split and save the maps as NIfTI in template space.
 
-    The step is resumable and can be sharded. With ``resume``, a subject whose map file
-    already exists and was made by the same noise model (the SHA-256 of
-    ``checkpoints/noise_model.pt``, recorded in ``maps/.maps_source.json``) is not
-    explained again, so an interrupted run picks up where it stopped. With
-    ``shard=(i, n)``, only every ``n``-th subject starting at ``i`` is explained: start
-    ``n`` processes (or ``torchrun`` ranks) with ``i = 0 .. n-1`` once the noise model is
-    trained, then call once more without ``shard`` to collect the index.
+    The step is resumable and can be sharded. Every map records in its own NIfTI header
+    (``descrip``: ``noise_model:<sha256>``) the SHA-256 of the
+    ``checkpoints/noise_model.pt`` that made it. With ``resume``, a subject whose map
+    exists and records the current noise model is not explained again, so an interrupted
+    run picks up where it stopped; a map of another (or unknown) origin is made again.
+    With ``shard=(i, n)``, only every ``n``-th subject starting at ``i`` is explained:
+    start ``n`` processes (or ``torchrun`` ranks) with ``i = 0 .. n-1`` once the noise
+    model is trained, at the same moment if you like, then call once more without
+    ``shard`` to collect the index. Shards never delete a file, so they cannot undo each
+    other's work; only the unsharded call removes the maps of another noise model and
+    records the current one in ``maps/.maps_source.json`` (for people reading the folder).
 
     Parameters
     ----------
@@ -205,10 +221,14 @@ def write_subject_maps(
     if shard is not None:
         index, count = _check_shard(shard)
         indices = indices[index::count]
+    digest = _noise_model_digest(study)
     if resume:
-        source = _maps_source(study)
+        source = digest
+        if shard is None:
+            _remove_stale_maps(study, digest)
     else:  # maps of unknown origin: a later resume must not trust them
-        study.run.maps_source.unlink(missing_ok=True)
+        if shard is None:
+            study.run.maps_source.unlink(missing_ok=True)
         source = None
     todo = [i for i in indices if not _map_is_current(study, i, source)]
     batch = study.settings.batch_size
@@ -218,9 +238,9 @@ def write_subject_maps(
         chunk = np.asarray(todo[start : start + batch])
         maps = explainer.attribute(study.images(chunk))
         for pid, arr in zip(study.participant_ids(chunk), maps[:, 0].numpy(), strict=True):
-            save_nifti(
-                study.cohort.to_image(arr.astype(np.float32)), study.run.subject_map(pid)
-            )
+            image = study.cohort.to_image(arr.astype(np.float32))
+            image.header["descrip"] = _source_tag(source)
+            save_nifti(image, study.run.subject_map(pid))
     table = pd.DataFrame(
         {
             "participant_id": study.participant_ids(indices),
@@ -253,28 +273,55 @@ def _check_shard(shard: Any) -> tuple[int, int]:
     return int(shard[0]), int(shard[1])
 
 
-def _maps_source(study: MapsStudy) -> str | None:
-    """Identity of the noise model the maps come from; records it in ``maps/``.
+#: How a map's NIfTI header names the noise model that made it (``descrip``, 80 bytes).
+_SOURCE_PREFIX = "noise_model:"
 
-    Maps made by another noise model (or an unknown one) are never reused.
-    """
+
+def _source_tag(source: str | None) -> bytes:
+    return (_SOURCE_PREFIX + source).encode() if source else b"unknown origin"
+
+
+def _noise_model_digest(study: MapsStudy) -> str | None:
+    """SHA-256 of the run's noise-model checkpoint (None before one exists)."""
     ckpt = study.noise_checkpoint
     if not ckpt.is_file():
         return None
-    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    with open(ckpt, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _map_source(path: os.PathLike) -> str | None:
+    """The noise-model digest a map's header records (None: unknown or unreadable)."""
+    try:
+        tag = nib.load(path).header["descrip"].item().rstrip(b"\0").decode("ascii")
+    except Exception:  # noqa: BLE001 - a truncated or foreign file has no known source
+        return None
+    return tag[len(_SOURCE_PREFIX):] if tag.startswith(_SOURCE_PREFIX) else None
+
+
+def _remove_stale_maps(study: MapsStudy, digest: str | None) -> None:
+    """Unsharded calls only: delete subject maps of another noise model, then record the
+    current one in ``maps/.maps_source.json``.
+
+    Maps made by another noise model (or an unknown one) are never reused in any case
+    (each map's header names its source); this keeps the folder free of them.
+    """
+    if digest is None:
+        return
     record = study.run.maps_source
     try:
         previous = json.loads(record.read_text(encoding="utf-8")).get("noise_model_sha256")
     except (OSError, ValueError, AttributeError):
         previous = None
-    if previous != digest:
-        # Another noise model: every existing map is stale. Record the new one only
-        # once the stale maps can no longer be mistaken for current ones.
-        for stale in study.run.maps.glob("*_importance.nii.gz"):
-            if not stale.name.startswith("population"):
-                stale.unlink()
-        write_json(record, {"noise_model_sha256": digest})
-    return digest
+    if previous == digest:
+        return
+    for stale in study.run.maps.glob("*_importance.nii.gz"):
+        if not stale.name.startswith("population") and _map_source(stale) != digest:
+            stale.unlink(missing_ok=True)
+    write_json(record, {"noise_model_sha256": digest})
 
 
 def _map_is_current(study: MapsStudy, index: int, source: str | None) -> bool:
@@ -284,9 +331,12 @@ def _map_is_current(study: MapsStudy, index: int, source: str | None) -> bool:
     if not path.is_file():
         return False
     try:
-        return tuple(nib.load(path).shape) == tuple(study.cohort.mask.shape)
-    except Exception:  # a truncated or foreign file: explain the subject again
+        image = nib.load(path)
+        shape = tuple(image.shape)
+        tag = image.header["descrip"].item().rstrip(b"\0").decode("ascii")
+    except Exception:  # noqa: BLE001 - a truncated or foreign file: explain it again
         return False
+    return shape == tuple(study.cohort.mask.shape) and tag == _SOURCE_PREFIX + source
 
 
 def time_methods(

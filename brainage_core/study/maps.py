@@ -65,6 +65,15 @@ class MapsConfig:
         Validation subjects evaluated after each epoch (None: all).
     num_threads : int or None, default=None
         Torch CPU threads of the map steps (None: leave torch's setting).
+    device : str, default="auto"
+        Where the map steps compute (the predictor, the noise model and the comparison
+        methods): ``"auto"`` (the GPU of this process's ``LOCAL_RANK`` when CUDA is
+        present, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    amp : bool, default=True
+        Mixed precision when the noise model trains on a GPU (bfloat16 where native,
+        float16 with a gradient scaler elsewhere); ignored on the CPU.
+    num_workers : int, default=0
+        DataLoader worker processes feeding the noise model's training.
     calibrate : bool, default=False
         Pick lambda with
         :func:`brainage_core.explain.noise.calibration.calibrate_lambda` before training.
@@ -162,6 +171,9 @@ class MapsConfig:
     max_train_subjects: int | None = None
     max_val_subjects: int | None = 64
     num_threads: int | None = None
+    device: str = "auto"
+    amp: bool = True
+    num_workers: int = 0
     calibrate: bool = False
     lambdas: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0, 10.0, 30.0])
     tolerance: float = 1.0
@@ -250,7 +262,15 @@ class MapsConfig:
         check_fraction("maps.sanity_threshold", self.sanity_threshold)
         check_fraction("maps.robustness_noise", self.robustness_noise)
         check_fraction("maps.faithfulness_fraction", self.faithfulness_fraction, allow_one=True)
-        for name in ("calibrate", "allow_untrained_predictor"):
+        if not isinstance(self.device, str) or not (
+            self.device in ("auto", "cpu") or self.device.startswith("cuda")
+        ):
+            raise BrainAgeInputError(
+                f"'maps.device' must be 'auto', 'cpu' or 'cuda[:N]'; {self.device!r} was "
+                "provided."
+            )
+        check_positive("maps.num_workers", self.num_workers, integer=True, allow_zero=True)
+        for name in ("calibrate", "allow_untrained_predictor", "amp"):
             if not isinstance(getattr(self, name), bool):
                 raise BrainAgeInputError(
                     f"'maps.{name}' must be true or false; {getattr(self, name)!r} was provided."
@@ -368,6 +388,7 @@ class MapsStudy:
             Show progress bars while the cohort is loaded.
         """
         from brainage_core.data.cohort import load_cohort
+        from brainage_core.models.distributed import init_distributed
         from brainage_core.models.training import load_predictor
 
         run = RunDir(run_dir)
@@ -384,7 +405,9 @@ class MapsStudy:
             raise BrainAgeInputError(
                 "no trained predictor: run notebooks/02_train.ipynb first", ckpt
             )
-        predictor = load_predictor(ckpt, map_location="cpu")
+        # under torchrun this joins the process group; every process on its own device
+        device = init_distributed(settings.device).device
+        predictor = load_predictor(ckpt, map_location=device)
         return cls(run=run, config=config, settings=settings, cohort=cohort, predictor=predictor)
 
     # -- data -------------------------------------------------------------------------------

@@ -10,6 +10,9 @@
         tables/              CSV tables (predictions, regions, ...)
         figures/             static figures
         metrics.json         {"data": {...}, "prediction": {...}, "maps": {...}, "regions": {...}}
+        qc/reference.npz     the training cohort's QC reference (intensities, OOD features)
+        index.json           what ``predict`` needs: files (relative, with SHA-256), grid,
+                             preprocessing, bias correction, QC reference figures
 
 Notebooks, steps and benchmarks find each other's artefacts through this class (for
 example :attr:`RunDir.predictor_checkpoint`, :meth:`RunDir.table`), never through typed
@@ -33,6 +36,7 @@ from brainage_core.analysis.population import POPULATION_FILE
 #: The run's tables by name (``tables/<file>``): one place that spells their file names.
 TABLES = {
     "participants": "participants.csv",
+    "qc": "qc.csv",
     "predictions": "predictions.csv",
     "lambda_calibration": "lambda_calibration.csv",
     "subject_maps": "subject_maps.csv",
@@ -43,6 +47,17 @@ TABLES = {
     "sanity_checks": "sanity_checks.csv",
     "region_rank_intervals": "region_rank_intervals.csv",
 }
+
+
+#: Files ``predict`` needs, by name, relative to the run folder (listed in ``index.json``).
+PREDICT_FILES = {
+    "config": "config.yaml",
+    "predictor": "checkpoints/predictor.pt",
+    "qc_reference": "qc/reference.npz",
+}
+
+#: Files ``predict --maps`` needs besides :data:`PREDICT_FILES`.
+MAPS_FILES = {"noise_model": "checkpoints/noise_model.pt"}
 
 
 class RunDir:
@@ -105,6 +120,32 @@ class RunDir:
     def noise_checkpoint(self) -> Path:
         """``checkpoints/noise_model.pt``: the amortised noise model (step 03)."""
         return self.checkpoints / "noise_model.pt"
+
+    @property
+    def index_path(self) -> Path:
+        """``index.json``: the files and settings ``predict`` needs (portable run)."""
+        return self.root / "index.json"
+
+    @property
+    def qc_reference(self) -> Path:
+        """``qc/reference.npz``: the training cohort's QC reference."""
+        return self.root / PREDICT_FILES["qc_reference"]
+
+    def read_index(self) -> dict[str, Any]:
+        """Read ``index.json``; a missing or malformed index is a clear error."""
+        if not self.index_path.is_file():
+            raise BrainAgeInputError(
+                "no index.json in this run folder: it is written by notebooks/02_train.ipynb "
+                "(or call brainage_core.study.predict.write_predict_index on the run)",
+                self.root,
+            )
+        try:
+            index = json.loads(self.index_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise BrainAgeInputError(f"not valid JSON: {err}", self.index_path) from err
+        if not isinstance(index, dict) or "files" not in index:
+            raise BrainAgeInputError("not a run index (no 'files')", self.index_path)
+        return index
 
     def subject_map(self, participant_id: str) -> Path:
         """``maps/<participant_id>_importance.nii.gz``: one subject's importance map."""

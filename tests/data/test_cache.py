@@ -39,9 +39,9 @@ def counter(monkeypatch):
     calls: list[int] = []
     original = cache_mod._prepare_one
 
-    def counting(index, path, resolution):
+    def counting(index, path, resolution, *rest):
         calls.append(index)
-        return original(index, path, resolution)
+        return original(index, path, resolution, *rest)
 
     monkeypatch.setattr(cache_mod, "_prepare_one", counting)
     return calls
@@ -113,11 +113,11 @@ def test_interrupted_prepare_is_not_trusted_and_resumes(
     original = cache_mod._prepare_one
     calls: list[int] = []
 
-    def interrupted(index, path, resolution):
+    def interrupted(index, path, resolution, *rest):
         calls.append(index)
         if len(calls) == 4:
             raise KeyboardInterrupt
-        return original(index, path, resolution)
+        return original(index, path, resolution, *rest)
 
     monkeypatch.setattr(cache_mod, "FLUSH_EVERY", 1)
     monkeypatch.setattr(cache_mod, "_prepare_one", interrupted)

@@ -173,3 +173,20 @@ def test_augmentation_is_seeded_by_epoch_and_index(cohort):
     assert not torch.equal(x0, ds[1][0])
     plain = CohortDataset(cohort, split="train")
     assert torch.equal(plain[1][0][0], torch.from_numpy(cohort.image(plain.indices[1])))
+
+
+def test_set_epoch_reaches_persistent_loader_workers(cohort):
+    # Issue 16: with persistent workers, each worker holds its own copy of the dataset;
+    # the epoch must still reach it, or every epoch repeats the first one's augmentation.
+    from torch.utils.data import DataLoader
+
+    ds = CohortDataset(cohort, split="train", augment={"noise": 0.1}, seed=3)
+    loader = DataLoader(ds, batch_size=4, num_workers=1, persistent_workers=True)
+    first = torch.cat([x for x, _ in loader])
+    ds.set_epoch(1)
+    second = torch.cat([x for x, _ in loader])
+    reference = CohortDataset(cohort, split="train", augment={"noise": 0.1}, seed=3)
+    reference.set_epoch(1)
+    expected = torch.stack([reference[i][0] for i in range(len(reference))])
+    assert not torch.equal(first, second)
+    assert torch.equal(second, expected)

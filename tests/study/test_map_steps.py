@@ -224,3 +224,59 @@ def test_maps_of_another_noise_model_are_not_reused(tmp_path, cohort):
     counting = CountingExplainer(refit.explainer)
     explain.write_subject_maps(other, counting, progress=False)
     assert counting.n_images == len(other.indices("test"))
+
+
+def test_a_shard_that_finds_no_source_record_deletes_no_map(tmp_path, cohort):
+    # The race of issue 16: a shard that checked the maps' source before another shard
+    # recorded it used to delete every map, including those the other shard had written.
+    study = make_study(tmp_path, cohort, epochs=1)
+    fit = explain.fit_noise_model(study, progress=False)
+    first = explain.write_subject_maps(study, fit.explainer, shard=(0, 2), progress=False)
+    study.run.maps_source.unlink(missing_ok=True)  # as the other shard saw the folder
+    explain.write_subject_maps(study, fit.explainer, shard=(1, 2), progress=False)
+    assert all((study.run.root / rel).is_file() for rel in first["path"])
+    counting = CountingExplainer(fit.explainer)
+    explain.write_subject_maps(study, counting, progress=False)
+    assert counting.n_images == 0
+    # Each map names the noise model that made it in its own header.
+    digest = explain._noise_model_digest(study)
+    assert all(explain._map_source(study.run.root / rel) == digest for rel in first["path"])
+
+
+def test_shards_started_at_the_same_moment_keep_every_map(tmp_path, cohort):
+    import threading
+
+    study = make_study(tmp_path, cohort, epochs=1, batch_size=1)
+    fit = explain.fit_noise_model(study, progress=False)
+    # Stale maps of an earlier noise model, and no source record: the situation in which
+    # every shard used to clean the folder.
+    for pid in study.participant_ids(study.indices("test")):
+        study.run.maps.mkdir(parents=True, exist_ok=True)
+        stale = study.cohort.to_image(np.zeros(study.cohort.mask.shape, np.float32))
+        stale.header["descrip"] = b"noise_model:" + b"0" * 64
+        nib.save(stale, study.run.subject_map(pid))
+    start = threading.Barrier(2)
+    errors = []
+
+    counters = [CountingExplainer(fit.explainer), CountingExplainer(fit.explainer)]
+
+    def shard(i):
+        try:
+            start.wait()
+            explain.write_subject_maps(study, counters[i], shard=(i, 2), progress=False)
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=shard, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    n_test = len(study.indices("test"))
+    assert sum(c.n_images for c in counters) == n_test  # every stale map made again, once
+    counting = CountingExplainer(fit.explainer)
+    index = explain.write_subject_maps(study, counting, progress=False)
+    assert counting.n_images == 0 and len(index) == n_test
+    digest = explain._noise_model_digest(study)
+    assert all(explain._map_source(study.run.root / rel) == digest for rel in index["path"])

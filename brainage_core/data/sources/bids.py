@@ -147,6 +147,7 @@ def load_bids(
     run: str = "first",
     database_dir: str | os.PathLike | None = None,
     validate: bool = False,
+    require_age: bool = True,
 ) -> pd.DataFrame:
     """Build the manifest of a BIDS folder, indexed with pybids.
 
@@ -162,6 +163,9 @@ def load_bids(
     validate : bool, default=False
         Run the BIDS validator (when installed) and put its summary in
         ``manifest.attrs["metadata"]["bids_validation"]``.
+    require_age : bool, default=True
+        Whether ``participants.tsv`` must have an ``age`` column; without it (``predict``
+        on subjects of unknown age) every age is missing.
 
     Returns
     -------
@@ -192,6 +196,8 @@ def load_bids(
             tsv,
         )
     participants = participants.rename(columns=lower_known_columns(participants.columns))
+    if "age" not in participants.columns and not require_age:
+        participants["age"] = float("nan")
     if "age" not in participants.columns:
         raise BrainAgeInputError(
             f"missing required column 'age'; columns are {list(participants.columns)}", tsv

@@ -18,7 +18,7 @@ from brainage_core.data.manifest import (
 from brainage_core.data.sources.base import DataSource
 
 
-def load_csv(path: str | os.PathLike) -> pd.DataFrame:
+def load_csv(path: str | os.PathLike, *, require_age: bool = True) -> pd.DataFrame:
     """Read a CSV (or ``.tsv``) manifest.
 
     Parameters
@@ -27,6 +27,9 @@ def load_csv(path: str | os.PathLike) -> pd.DataFrame:
         Table with at least ``participant_id``, ``path`` and ``age`` columns; ``sex``,
         ``site`` and any other column are kept. Relative image paths are resolved against
         the folder of the table.
+    require_age : bool, default=True
+        Whether the ``age`` column is required; without it (``predict`` on subjects of
+        unknown age) every age is missing.
 
     Returns
     -------
@@ -39,6 +42,8 @@ def load_csv(path: str | os.PathLike) -> pd.DataFrame:
     sep = "\t" if path.suffix.lower() == ".tsv" else ","
     table = read_table(path, sep=sep)
     table = table.rename(columns=lower_known_columns(table.columns))
+    if not require_age and "age" not in table.columns:
+        table["age"] = float("nan")
     missing = [c for c in REQUIRED_CSV_COLUMNS if c not in table.columns]
     if missing:
         raise BrainAgeInputError(

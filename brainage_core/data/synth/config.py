@@ -16,6 +16,7 @@ from brainage_core._utils.validation import (
     check_fraction,
     check_positive,
 )
+from brainage_core.data.synth.native import NativeSpace
 from brainage_core.data.template import SUPPORTED_RESOLUTIONS
 
 #: Kinds of age effect: three shape changes (the defaults) and two intensity-only effects
@@ -250,6 +251,13 @@ class SynthConfig:
     ground_truth_threshold : float, default=0.02
         Smallest noise-free intensity change between ``b = age_min`` and ``b = age_max``
         for a voxel to count as carrying age signal.
+    native_space : dict or None, default=None
+        None writes the images in MNI space (on the study grid). A mapping (``{}`` for the
+        defaults) writes them as a scanner would, in a native space with a random rigid
+        head pose, another voxel size, field of view and orientation code, the transform
+        recorded in the ground truth (see
+        :class:`~brainage_core.data.synth.native.NativeSpace`); prepare them with
+        registration (``data.register: true``, ``prepare --register``).
     """
 
     n_subjects: int = 200
@@ -279,6 +287,7 @@ class SynthConfig:
     scale_sd: float = 0.1
     noise_sd: float = 0.02
     ground_truth_threshold: float = 0.02
+    native_space: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         check_positive("n_subjects", self.n_subjects, integer=True)
@@ -312,6 +321,8 @@ class SynthConfig:
         object.__setattr__(self, "effects", [AgeEffect.from_dict(e) for e in self.effects])
         for name in _NUISANCE_FIELDS + ("ground_truth_threshold",):
             check_positive(name, getattr(self, name), allow_zero=True)
+        native = NativeSpace.from_dict(self.native_space)
+        object.__setattr__(self, "native_space", None if native is None else native.to_dict())
         for name in ("deformation_spacing_mm", "local_deformation_spacing_mm"):
             if getattr(self, name) <= 0:
                 raise BrainAgeInputError(
@@ -344,6 +355,8 @@ class SynthConfig:
         """Plain-Python form (JSON/YAML-serialisable) that :meth:`from_dict` reads back."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["effects"] = [e.to_dict() for e in self.effects]
+        if out["native_space"] is None:  # MNI space: the cohorts (and hashes) of before
+            del out["native_space"]
         return out
 
 

@@ -14,13 +14,14 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from brainage_core._utils.io import save_nifti
+from brainage_core._utils.io import save_nifti, write_json
 from brainage_core._utils.validation import (
     BrainAgeInputError,
 )
 from brainage_core.data.atlas import load_atlas
 from brainage_core.data.synth.ages import SUBJECT_STREAM
 from brainage_core.data.synth.config import MAX_FRACTION, AgeEffect, SynthConfig
+from brainage_core.data.synth.native import NATIVE_STREAM, NativeSpace, to_native, transform_path
 from brainage_core.data.template import Template, load_template
 
 #: Largest deformation gradient of one integration step of an expansion flow (keeps every
@@ -430,10 +431,7 @@ class SubjectRenderer:
             np.random.SeedSequence(c.seed, spawn_key=(index, SUBJECT_STREAM))
         )
         # Every draw happens whatever the amplitudes, so that the stream stays aligned.
-        sex_sign = 0.5 if sex == "M" else -0.5
-        log_size = s * (c.head_size_sex_difference * sex_sign + c.head_size_sd * rng.normal())
-        angles = np.deg2rad(s * c.rotation_deg) * rng.normal(size=3)
-        shift_mm = s * c.translation_mm * rng.normal(size=3)
+        log_size, angles, shift_mm = self._draw_pose(rng, sex)
         gamma = np.exp(s * c.contrast_sd * rng.normal())
         scale = np.exp(s * c.scale_sd * rng.normal())
         coarse = self._smooth_fields(rng, 4, c.deformation_spacing_mm)
@@ -463,6 +461,35 @@ class SubjectRenderer:
         out[self.support] += (s * c.noise_sd) * noise * in_brain
         return np.clip(out, 0.0, None)
 
+    def _draw_pose(self, rng: np.random.Generator, sex: str
+                   ) -> tuple[float, np.ndarray, np.ndarray]:
+        """The first draws of a subject's stream: log head size, rotation angles, shift."""
+        c = self.config
+        s = c.nuisance_scale
+        sex_sign = 0.5 if sex == "M" else -0.5
+        log_size = s * (c.head_size_sex_difference * sex_sign + c.head_size_sd * rng.normal())
+        angles = np.deg2rad(s * c.rotation_deg) * rng.normal(size=3)
+        shift_mm = s * c.translation_mm * rng.normal(size=3)
+        return float(log_size), angles, shift_mm
+
+    def subject_affine(self, index: int, sex: str) -> np.ndarray:
+        """The affine part of a subject's nuisance: ``subject_from_template`` (4x4, mm).
+
+        Head size, rotation and shift about the brain's centre (the smooth deformations,
+        which no affine holds, are left out): where a point of the template lands in the
+        subject's MNI-space image.
+        """
+        rng = np.random.default_rng(
+            np.random.SeedSequence(self.config.seed, spawn_key=(index, SUBJECT_STREAM)))
+        log_size, angles, shift_mm = self._draw_pose(rng, sex)
+        t = self.model.template
+        centre = nib.affines.apply_affine(t.affine, np.argwhere(t.mask).mean(axis=0))
+        inverse = np.exp(log_size) * _rotation(angles).T  # inv(rotation / size)
+        out = np.eye(4)
+        out[:3, :3] = inverse
+        out[:3, 3] = centre - inverse @ (centre + shift_mm)
+        return out
+
     def _smooth_fields(self, rng: np.random.Generator, n: int, spacing: float) -> np.ndarray:
         """``n`` smooth unit-variance random fields at the render points.
 
@@ -482,11 +509,38 @@ class SubjectRenderer:
         return out
 
     def write(self, subject: SubjectSpec) -> bool:
-        """Render and save a subject unless a valid file exists; True if written."""
+        """Render and save a subject unless a valid file exists; True if written.
+
+        With ``native_space`` set, the image is written in its native space and the
+        transform goes to the ground truth first (an image never exists without it).
+        """
         path = Path(subject.path)
-        if valid_image(path, self.model.template):
+        native = NativeSpace.from_dict(self.config.native_space)
+        root = path.parents[2]  # <root>/sub-X/anat/<file>
+        if native is None and valid_image(path, self.model.template):
+            return False
+        if native is not None and _valid_native(path, transform_path(root,
+                                                                    subject.participant_id)):
             return False
         img = self.model.template.to_image(self.render(subject))
+        if native is not None:
+            rng = np.random.default_rng(np.random.SeedSequence(
+                self.config.seed, spawn_key=(subject.index, NATIVE_STREAM)))
+            t = self.model.template
+            centre = nib.affines.apply_affine(t.affine, np.argwhere(t.mask).mean(axis=0))
+            img, pose = to_native(img, native, rng, centre, self.config.resolution)
+            anatomy = self.subject_affine(subject.index, subject.sex)
+            write_json(transform_path(root, subject.participant_id), {
+                "native_from_mni": pose.tolist(),
+                "native_from_template": (pose @ anatomy).tolist(),
+                "description": "RAS+ mm. native_from_mni: the head pose, a point of the "
+                               "subject's MNI-space image -> the same point of the native "
+                               "image. native_from_template: a point of the template -> "
+                               "the native image, through the subject's own head size, "
+                               "rotation and shift (its smooth deformation left out): what "
+                               "an affine registration to the template should find.",
+                "native_space": native.to_dict(),
+            })
         img.set_data_dtype(np.int16)  # nibabel picks the scaling (scl_slope)
         save_nifti(img, path)
         return True
@@ -511,6 +565,16 @@ def _rotation(angles: np.ndarray) -> np.ndarray:
     ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
     rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
     return rz @ ry @ rx
+
+
+def _valid_native(path: Path, sidecar: Path) -> bool:
+    """True if a native-space image and its recorded transform are both readable."""
+    if not (path.is_file() and sidecar.is_file()):
+        return False
+    try:
+        return bool(np.isfinite(np.asarray(nib.load(path).dataobj)).all())
+    except Exception:  # noqa: BLE001 - any unreadable file is simply regenerated
+        return False
 
 
 def valid_image(path: Path, template: Template) -> bool:

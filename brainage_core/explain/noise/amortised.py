@@ -32,15 +32,19 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from brainage_core._utils.docs import fill_doc
@@ -58,7 +62,9 @@ from brainage_core.explain.noise.objective import (
     split_item,
     task_loss,
 )
+from brainage_core.explain.noise.perturbations import BatchShard
 from brainage_core.explain.noise.settings import NoiseSettings
+from brainage_core.models.distributed import amp_dtype
 from brainage_core.models.unet import UNet3D
 
 #: Version of the checkpoint layout written by :meth:`NoiseMapExplainer.save`.
@@ -165,12 +171,15 @@ class NoiseMapExplainer(NoiseObjective):
     def history_(self) -> pd.DataFrame:
         return pd.DataFrame(self._history)
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of B on the grid of ``x`` (the U-Net may run on a coarser grid)."""
+    def _logits(self, x: torch.Tensor, net: nn.Module | None = None) -> torch.Tensor:
+        """Logits of B on the grid of ``x`` (the U-Net may run on a coarser grid).
+
+        ``net`` is the U-Net to call (its DistributedDataParallel wrapper in training)."""
+        net = self.noise_model if net is None else net
         if self.downsample == 1:
-            return self.noise_model(x)
+            return net(x)
         k = self.downsample
-        coarse = self.noise_model(F.avg_pool3d(x, kernel_size=k, stride=k, ceil_mode=True))
+        coarse = net(F.avg_pool3d(x, kernel_size=k, stride=k, ceil_mode=True))
         return F.interpolate(coarse, size=tuple(x.shape[2:]), mode="trilinear", align_corners=False)
 
     # -- training -------------------------------------------------------------------------
@@ -185,8 +194,21 @@ class NoiseMapExplainer(NoiseObjective):
         checkpoint_path: str | os.PathLike | None = None,
         resume: bool = True,
         progress: bool = True,
+        num_workers: int = 0,
+        amp: bool = True,
     ) -> NoiseMapExplainer:
         """Train the noise model with the predictor frozen.
+
+        Under ``torchrun`` (an initialised process group with several processes) the
+        U-Net is wrapped in DistributedDataParallel: each process takes its share of every
+        global batch and draws the noise of the whole batch from the shared seeded
+        generator, keeping its own rows (:class:`BatchShard`). When the number of training
+        images is a multiple of the number of processes, N processes therefore compute
+        what one process computes, up to floating-point reduction order (otherwise a few
+        images are repeated to give every process the same number of batches, as
+        :class:`~torch.utils.data.DistributedSampler` does). Validation runs whole in
+        every process (it is small: ``maps.max_val_subjects``), so every process takes the
+        same best-epoch decision; only rank 0 writes the checkpoint.
 
         Parameters
         ----------
@@ -197,7 +219,7 @@ class NoiseMapExplainer(NoiseObjective):
         epochs : int, default=10
             Total number of epochs (including those already in a resumed checkpoint).
         batch_size : int, default=4
-            Images per optimisation step.
+            Images per optimisation step, over all processes (divisible by their number).
         lr : float, default=1e-3
             Adam learning rate.
         checkpoint_path : str or os.PathLike or None, default=None
@@ -208,7 +230,13 @@ class NoiseMapExplainer(NoiseObjective):
             Continue from ``checkpoint_path`` if it exists; otherwise start afresh and
             overwrite it.
         progress : bool, default=True
-            Show a tqdm progress bar over epochs.
+            Show a tqdm progress bar over epochs (rank 0 only).
+        num_workers : int, default=0
+            DataLoader worker processes reading and converting the images.
+        amp : bool, default=True
+            Mixed precision on CUDA (:func:`~brainage_core.models.distributed.amp_dtype`:
+            bfloat16 where native, else float16 with a gradient scaler); the losses are
+            computed in float32. Ignored on the CPU.
 
         Returns
         -------
@@ -218,24 +246,42 @@ class NoiseMapExplainer(NoiseObjective):
         check_positive("epochs", epochs, integer=True)
         check_positive("batch_size", batch_size, integer=True)
         check_positive("lr", lr)
+        check_positive("num_workers", num_workers, integer=True, allow_zero=True)
+        rank, world = _process_group()
+        if batch_size % world:
+            raise BrainAgeInputError(
+                f"'batch_size' ({batch_size}) must be divisible by the number of processes "
+                f"({world})."
+            )
         train_set = as_dataset(train_data, "train_data")
         val_set = None if val_data is None else as_dataset(val_data, "val_data")
         optimiser = torch.optim.Adam(self.noise_model.parameters(), lr=lr)
         if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
             self._load_checkpoint(checkpoint_path, optimiser)
         self.set_reference(train_set)
+        dtype = amp_dtype(self.device, amp)
+        scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+        net: nn.Module = self.noise_model
+        if world > 1:
+            net = DistributedDataParallel(
+                self.noise_model,
+                device_ids=[self.device] if self.device.type == "cuda" else None,
+            )
+        loop = _TrainLoop(net=net, optimiser=optimiser, scaler=scaler, amp_dtype=dtype,
+                          batch_size=batch_size, num_workers=num_workers, rank=rank,
+                          world_size=world)
         bar = tqdm(
             range(self.epochs_trained, epochs),
             total=epochs,
             initial=self.epochs_trained,
             desc="noise model",
             unit="epoch",
-            disable=None if progress else True,
+            disable=None if progress and rank == 0 else True,
         )
         with frozen(self.predictor):
             for epoch in bar:
                 start = time.perf_counter()
-                row = self._train_epoch(train_set, optimiser, epoch, batch_size)
+                row = self._train_epoch(train_set, loop, epoch)
                 if val_set is not None:
                     val = self.evaluate(val_set, batch_size=batch_size, seed_offset=epoch)
                     row.update({f"val_{k}": v for k, v in val.items()})
@@ -248,49 +294,74 @@ class NoiseMapExplainer(NoiseObjective):
                 self.epochs_trained = epoch + 1
                 bar.set_postfix(loss=f"{row['loss']:.3f}", mean_b=f"{row['mean_b']:.2f}")
                 if checkpoint_path is not None:
-                    self.save(checkpoint_path, optimiser=optimiser)
+                    self._save_on_rank0(checkpoint_path, optimiser, rank, world)
         bar.close()
         if self._best is not None:
             # keep the epoch with the best validation objective, not the last one
             self.noise_model.load_state_dict(self._best[2])
             self.best_epoch = self._best[1]
             if checkpoint_path is not None:
-                self.save(checkpoint_path, optimiser=optimiser)
+                self._save_on_rank0(checkpoint_path, optimiser, rank, world)
         self.noise_model.eval()
         return self
+
+    def _save_on_rank0(self, path: str | os.PathLike, optimiser: torch.optim.Optimizer,
+                       rank: int, world: int) -> None:
+        if rank == 0:
+            self.save(path, optimiser=optimiser)
+        if world > 1:
+            dist.barrier()
 
     def _state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.noise_model.state_dict().items()}
 
-    def _train_epoch(
-        self, dataset: Dataset, optimiser: torch.optim.Optimizer, epoch: int, batch_size: int
-    ) -> dict[str, float]:
+    def _train_epoch(self, dataset: Dataset, loop: _TrainLoop, epoch: int) -> dict[str, float]:
         self.noise_model.train()
         order = torch.Generator().manual_seed(
             int(np.random.SeedSequence([self.noise.seed, epoch, 0]).generate_state(1)[0])
         )
-        noise = epoch_generator(self.noise.seed, epoch, 1, self.device)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=order)
-        totals = {"loss": 0.0, "task": 0.0, "reg": 0.0, "mean_b": 0.0}
-        count = 0
+        noise: torch.Generator | BatchShard = epoch_generator(self.noise.seed, epoch, 1,
+                                                              self.device)
+        if loop.world_size > 1:
+            noise = BatchShard(noise, loop.rank, loop.world_size)
+        loader = DataLoader(
+            dataset,
+            batch_size=loop.batch_size // loop.world_size,
+            sampler=_ShardedPermutation(len(dataset), order, loop.rank, loop.world_size),
+            generator=order,
+            num_workers=loop.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        # Sums stay on the device: one host synchronisation per epoch, not four per step.
+        totals = torch.zeros(5, dtype=torch.float64, device=self.device)
         for batch in loader:
             x, ages = split_item(batch)
-            x = x.to(self.device)
+            x = x.to(self.device, non_blocking=True)
             targets = self._targets(x, ages)
-            logits = self._logits(x)
-            task, reg, b = self._loss(x, logits, targets, noise)
+            with torch.autocast(self.device.type, dtype=loop.amp_dtype,
+                                enabled=loop.amp_dtype is not None):
+                logits = self._logits(x, loop.net)
+                task, reg, b = self._loss(x, logits.float(), targets, noise)
+            task, reg = task.float(), reg.float()
             loss = task.mean() + self.noise.lam * reg.mean()
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
+            loop.optimiser.zero_grad(set_to_none=True)
+            loop.scaler.scale(loss).backward()
+            loop.scaler.step(loop.optimiser)
+            loop.scaler.update()
             n = x.shape[0]
             mask = self._brain_mask(tuple(x.shape[2:]))
-            totals["loss"] += float(loss.detach()) * n
-            totals["task"] += float(task.detach().sum())
-            totals["reg"] += float(reg.detach().sum())
-            totals["mean_b"] += float(((b.detach() * mask).flatten(1).sum(1) / mask.sum()).sum())
-            count += n
-        return {k: v / max(count, 1) for k, v in totals.items()}
+            with torch.no_grad():
+                mean_b = (b.detach() * mask).flatten(1).sum(1) / mask.sum()
+                totals += torch.stack([loss.detach() * n, task.detach().sum(),
+                                       reg.detach().sum(), mean_b.sum(),
+                                       torch.tensor(float(n), device=self.device)]).double()
+        if loop.world_size > 1:
+            totals = totals.to(_comm_device(self.device))
+            dist.all_reduce(totals)
+        loss_sum, task_sum, reg_sum, b_sum, count = totals.tolist()
+        count = max(count, 1.0)
+        return {"loss": loss_sum / count, "task": task_sum / count, "reg": reg_sum / count,
+                "mean_b": b_sum / count}
 
     # -- inference ------------------------------------------------------------------------
     @torch.no_grad()
@@ -458,6 +529,55 @@ class NoiseMapExplainer(NoiseObjective):
         best = state.get("best")
         if best is not None:
             self._best = (float(best["objective"]), int(best["epoch"]), best["state_dict"])
+
+
+@dataclass
+class _TrainLoop:
+    """What one training epoch of the noise model needs besides the explainer."""
+
+    net: nn.Module
+    optimiser: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    batch_size: int
+    num_workers: int
+    rank: int
+    world_size: int
+
+
+class _ShardedPermutation(Sampler[int]):
+    """This process's share of a seeded permutation: positions ``rank::world_size``.
+
+    With one process it is the permutation itself (what ``shuffle=True`` with the same
+    generator gives). With several, the permutation is first padded with its own first
+    items to a multiple of ``world_size``, as DistributedSampler does, so that every
+    process runs the same number of steps.
+    """
+
+    def __init__(self, n: int, generator: torch.Generator, rank: int, world_size: int) -> None:
+        self.n, self.generator, self.rank, self.world_size = n, generator, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        # drawn when iterated, after the DataLoader has drawn its base seed from the same
+        # generator: the order of a single process is the one shuffle=True gave
+        perm = torch.randperm(self.n, generator=self.generator).tolist()
+        if self.world_size > 1 and self.n % self.world_size:
+            perm += perm[: self.world_size - self.n % self.world_size]
+        return iter(perm[self.rank :: self.world_size])
+
+    def __len__(self) -> int:
+        return -(-self.n // self.world_size)
+
+
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of the active process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -62,7 +62,35 @@ def perturb(
     return additive(x, b, mask, None, PerturbationParams(s_min=s_min, s_max=s_max), generator)
 
 
-def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+@dataclass(frozen=True)
+class BatchShard:
+    """A noise generator shared by the processes of a data-parallel job, with the rows of
+    each global batch that this process holds.
+
+    Every process draws the noise of the whole global batch from the same generator and
+    keeps its own rows, so the noise an image receives does not depend on the number of
+    processes: a job on N processes draws what one process would.
+
+    Attributes
+    ----------
+    generator : torch.Generator
+        The generator, seeded identically in every process.
+    rank, world_size : int
+        This process's rows are ``rank, rank + world_size, ...`` of each global batch (the
+        order of :class:`~torch.utils.data.DistributedSampler`-style shards).
+    """
+
+    generator: torch.Generator
+    rank: int
+    world_size: int
+
+
+def _noise(x: torch.Tensor, generator: torch.Generator | BatchShard | None) -> torch.Tensor:
+    if isinstance(generator, BatchShard):
+        rows = x.shape[0] * generator.world_size
+        full = torch.randn((rows, *x.shape[1:]), generator=generator.generator,
+                           device=x.device, dtype=x.dtype)
+        return full[generator.rank :: generator.world_size]
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
