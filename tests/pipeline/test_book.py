@@ -173,8 +173,12 @@ def test_quick_run_executes_every_study_notebook(quick_run):
 def test_a_parameter_override_gives_a_separate_run(quick_run, tmp_path):
     runs_root = tmp_path / "runs"
     # 1 epoch each: a fast run, whose predictor has not learned, so its maps are allowed
+    # and the smallest comparison (what is tested here is the run folder, not the methods)
     overrides = [("prediction.epochs", 1), ("maps.epochs", 1),
-                 ("maps.allow_untrained_predictor", True)]
+                 ("maps.allow_untrained_predictor", True), ("maps.baselines", "[saliency]"),
+                 ("maps.compare_subjects", 1), ("maps.per_subject_steps", 2),
+                 ("maps.sanity_subjects", 0), ("maps.road_subjects", 0),
+                 ("maps.reliance_subjects", 0), ("maps.bootstrap", 0)]
     assert cli(["run", "--preset", "quick", "--runs-root", str(runs_root),
                 *[arg for key, value in overrides for arg in ("-p", key, str(value))]]) == 0
     expected = runs_root / run_name(load_config("quick", overrides=overrides))
