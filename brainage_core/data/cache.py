@@ -809,7 +809,7 @@ def prepare_shard(
         The cohort once published (by this call or an earlier one); None while other
         shards are unfinished, or while another process publishes.
     """
-    index, count = _check_shard(shard)
+    index, count = check_shard(shard)
     check_positive("n_jobs", n_jobs, integer=True)
     clean, manifest_skipped, params, key = _resolve(
         manifest, resolution=resolution, on_error=on_error, split_fractions=split_fractions,
@@ -830,7 +830,8 @@ def prepare_shard(
     return _publish_shards(clean, manifest_skipped, cache_dir, key, count, template, params)
 
 
-def _check_shard(shard: Any) -> tuple[int, int]:
+def check_shard(shard: Any) -> tuple[int, int]:
+    """``(index, count)`` of a shard, checked: ``0 <= index < count``."""
     ok = (
         isinstance(shard, (tuple, list))
         and len(shard) == 2

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from brainage_core._utils.io import save_nifti, write_json, write_table
 from brainage_core._utils.validation import BrainAgeInputError
+from brainage_core.data.cache import check_shard
 from brainage_core.explain.noise.amortised import NoiseMapExplainer, read_checkpoint
 from brainage_core.explain.noise.calibration import calibrate_lambda
 from brainage_core.explain.noise.per_subject import PerSubjectNoiseMap
@@ -219,7 +220,7 @@ def write_subject_maps(
     """
     indices = study.indices(split)
     if shard is not None:
-        index, count = _check_shard(shard)
+        index, count = check_shard(shard)
         indices = indices[index::count]
     digest = _noise_model_digest(study)
     if resume:
@@ -256,21 +257,6 @@ def write_subject_maps(
     if shard is None:
         write_table(study.run.table("subject_maps"), table)
     return table
-
-
-def _check_shard(shard: Any) -> tuple[int, int]:
-    ok = (
-        isinstance(shard, (tuple, list))
-        and len(shard) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in shard)
-        and shard[1] >= 1
-        and 0 <= shard[0] < shard[1]
-    )
-    if not ok:
-        raise BrainAgeInputError(
-            f"'shard' must be (index, count) with 0 <= index < count; {shard!r} was provided."
-        )
-    return int(shard[0]), int(shard[1])
 
 
 #: How a map's NIfTI header names the noise model that made it (``descrip``, 80 bytes).
