@@ -26,3 +26,25 @@ def test_subject_affine_says_where_the_template_brain_lands():
     moved_mm = (com - com_t) * 8.0
     np.testing.assert_allclose(moved_mm, affine[:3, 3], atol=2.5)  # within a third of a voxel
     assert np.linalg.norm(affine[:3, 3]) > 10.0
+
+
+def test_the_best_affine_of_the_anatomy_is_what_registration_should_find():
+    base = {"n_subjects": 2, "resolution": 8, "seed": 2, "effects": [],
+            "local_deformation_mm": 0.0, "rotation_deg": 3.0, "translation_mm": 3.0}
+    # without smooth deformation, the fit is the drawn head size, rotation and shift
+    plain = SubjectRenderer(AgeingModel(SynthConfig.from_dict({**base, "deformation_mm": 0.0})))
+    fitted, nonaffine = plain.subject_affine_fit(1, "M")
+    np.testing.assert_allclose(fitted, plain.subject_affine(1, "M"), atol=1e-6)
+    assert nonaffine < 1e-6
+    # a coarse smooth deformation has an affine part: the fit moves away from the drawn
+    # transform (by more than a few tenths of a mm over the brain)
+    renderer = SubjectRenderer(AgeingModel(SynthConfig.from_dict(
+        {**base, "deformation_mm": 3.0, "deformation_spacing_mm": 32.0})))
+    fitted, nonaffine = renderer.subject_affine_fit(1, "M")
+    drawn = renderer.subject_affine(1, "M")
+    template = load_template(8)
+    points = np.c_[np.argwhere(template.mask) * 8.0 + template.affine[:3, 3],
+                   np.ones(int(template.mask.sum()))]
+    moved = np.linalg.norm(points @ (fitted - drawn).T, axis=1).mean()
+    assert moved > 0.3, moved
+    assert 0.0 < nonaffine < 6.0

@@ -7,8 +7,10 @@ a shift up to ``shift_mm`` along each), on another voxel size and field of view,
 another orientation code. The transform is recorded in the ground truth
 (``derivatives/ground_truth/native/<participant>_transform.json``: ``native_from_mni``, the
 4x4 RAS+ millimetre head pose, and ``native_from_template``, the pose composed with the
-subject's own head size, rotation and shift), so that registration can be checked against
-a known answer.
+best affine of the subject's own anatomy: its head size, rotation and shift and the affine
+part of its smooth deformations; see
+:meth:`~brainage_core.data.synth.render.SubjectRenderer.subject_affine_fit`), so that
+registration can be checked against a known answer.
 """
 
 from __future__ import annotations
@@ -188,12 +190,19 @@ def read_native_transform(dataset_root: str | os.PathLike, participant_id: str,
 
     Parameters
     ----------
-    which : {"native_from_template", "native_from_mni"}, default="native_from_template"
-        The whole affine from the template to the native image (what a registration should
-        recover), or the head pose alone (from the subject's MNI-space image).
+    which : {"native_from_template", "native_from_template_drawn", "native_from_mni"}, \
+default="native_from_template"
+        The best affine from the template to the native image (what a registration should
+        recover), the same through the drawn head size, rotation and shift alone (without
+        the affine part of the smooth deformations), or the head pose alone (from the
+        subject's MNI-space image).
     """
     path = transform_path(dataset_root, participant_id)
     if not path.is_file():
         raise BrainAgeInputError("no recorded native transform (not a native-space cohort?)",
                                  path)
-    return np.asarray(json.loads(path.read_text(encoding="utf-8"))[which])
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if which not in record:
+        raise BrainAgeInputError(f"the recorded transform has no {which!r} (written by an "
+                                 "older generator? regenerate the cohort)", path)
+    return np.asarray(record[which])

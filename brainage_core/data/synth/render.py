@@ -351,6 +351,20 @@ def _cortical_depth(template: Template, res: float) -> tuple[np.ndarray, np.ndar
 
 
 @dataclass(frozen=True)
+class _Draws:
+    """A subject's random draws (:meth:`SubjectRenderer._draws`)."""
+
+    log_size: float
+    angles: np.ndarray
+    shift_mm: np.ndarray
+    gamma: np.float64  # numpy scalars: they keep the rendering in float64 (NEP 50)
+    scale: np.float64
+    coarse: np.ndarray
+    local: np.ndarray
+    noise: np.ndarray
+
+
+@dataclass(frozen=True)
 class SubjectSpec:
     """What a worker needs to render and write one subject."""
 
@@ -427,6 +441,26 @@ class SubjectRenderer:
         """
         c = self.config
         s = c.nuisance_scale
+        draws = self._draws(index, sex)
+        z = self._template_points(draws)
+        values, inside = self.model.sample(ages, self.model.to_fine(z))
+
+        bias = np.exp(s * c.bias_field_sd * draws.coarse[3])
+        values = draws.scale * bias * np.power(np.clip(values, 0.0, None), draws.gamma)
+        values = values * (inside >= 0.5)
+        fine = np.zeros(self.model.render_shape, dtype=np.float32)
+        fine[self.fine_support] = values
+        brain = np.zeros(self.model.render_shape, dtype=np.float32)
+        brain[self.fine_support] = inside >= 0.5
+        out = block_mean(fine, self.model.factor)
+        in_brain = block_mean(brain, self.model.factor)[self.support] > 0
+        out[self.support] += (s * c.noise_sd) * draws.noise * in_brain
+        return np.clip(out, 0.0, None)
+
+    def _draws(self, index: int, sex: str) -> _Draws:
+        """Every random draw of subject ``index``, in the stream's order."""
+        c = self.config
+        s = c.nuisance_scale
         rng = np.random.default_rng(
             np.random.SeedSequence(c.seed, spawn_key=(index, SUBJECT_STREAM))
         )
@@ -437,29 +471,59 @@ class SubjectRenderer:
         coarse = self._smooth_fields(rng, 4, c.deformation_spacing_mm)
         local = self._smooth_fields(rng, 3, c.local_deformation_spacing_mm)
         noise = rng.standard_normal(int(self.support.sum())).astype(np.float32)
+        return _Draws(log_size, angles, shift_mm, gamma, scale, coarse, local,
+                      noise)
 
-        # Render voxel y -> render voxel z of the template: rigid misregistration and head
-        # size about the brain's centre, plus the multi-scale smooth deformation
-        # (individual anatomy; mm converted to render voxels); then to the fine grid.
-        rot = _rotation(angles) / np.exp(log_size)
+    def _template_points(self, draws: _Draws) -> np.ndarray:
+        """Render voxel y -> render voxel z of the template, for every render point (3, N).
+
+        Rigid misregistration and head size about the brain's centre, plus the multi-scale
+        smooth deformation (individual anatomy; mm converted to render voxels).
+        """
+        c = self.config
+        s = c.nuisance_scale
+        rot = _rotation(draws.angles) / np.exp(draws.log_size)
         y = self.points
         z = (rot @ (y - self.centre[:, None])) + self.centre[:, None]
-        z += (shift_mm / self.render_mm)[:, None]
-        z += (s * c.deformation_mm / self.render_mm) * coarse[:3]
-        z += (s * c.local_deformation_mm / self.render_mm) * local
-        values, inside = self.model.sample(ages, self.model.to_fine(z))
+        z += (draws.shift_mm / self.render_mm)[:, None]
+        z += (s * c.deformation_mm / self.render_mm) * draws.coarse[:3]
+        z += (s * c.local_deformation_mm / self.render_mm) * draws.local
+        return z
 
-        bias = np.exp(s * c.bias_field_sd * coarse[3])
-        values = scale * bias * np.power(np.clip(values, 0.0, None), gamma)
-        values = values * (inside >= 0.5)
-        fine = np.zeros(self.model.render_shape, dtype=np.float32)
-        fine[self.fine_support] = values
-        brain = np.zeros(self.model.render_shape, dtype=np.float32)
-        brain[self.fine_support] = inside >= 0.5
-        out = block_mean(fine, self.model.factor)
-        in_brain = block_mean(brain, self.model.factor)[self.support] > 0
-        out[self.support] += (s * c.noise_sd) * noise * in_brain
-        return np.clip(out, 0.0, None)
+    def subject_affine_fit(self, index: int, sex: str) -> tuple[np.ndarray, float]:
+        """The best affine of a subject's whole anatomy: ``subject_from_template`` (4x4, mm).
+
+        :meth:`subject_affine` leaves the smooth deformations out; but a smooth field on a
+        coarse grid has an affine part of its own (a slight stretch, tilt or shift of the
+        whole brain), which an affine registration recovers with the rest. This is the
+        least-squares affine from each template point to the subject's point showing it,
+        over the template brain: the transform an ideal affine registration finds.
+
+        Returns
+        -------
+        subject_from_template : numpy.ndarray of shape (4, 4)
+            The fitted affine (mm).
+        nonaffine_mm : float
+            Mean distance over those points between the fit and the whole mapping: the
+            part of the anatomy no affine holds.
+        """
+        z = self._template_points(self._draws(index, sex))
+        k = self.model.factor
+        t = self.model.template
+        # render voxel -> study voxel of the same point -> mm
+        to_mm = t.affine @ np.diag([1.0 / k, 1.0 / k, 1.0 / k, 1.0])
+        to_mm[:3, 3] += t.affine[:3, :3] @ np.full(3, 0.5 / k - 0.5)
+        z_mm = nib.affines.apply_affine(to_mm, z.T)
+        y_mm = nib.affines.apply_affine(to_mm, self.points.T)
+        voxel = np.rint(nib.affines.apply_affine(np.linalg.inv(t.affine), z_mm)).astype(int)
+        inside = np.all((voxel >= 0) & (voxel < np.asarray(t.shape)), axis=1)
+        inside[inside] = t.mask[tuple(voxel[inside].T)]
+        design = np.c_[z_mm[inside], np.ones(int(inside.sum()))]
+        coef, *_ = np.linalg.lstsq(design, y_mm[inside], rcond=None)
+        out = np.eye(4)
+        out[:3, :] = coef.T
+        nonaffine = np.linalg.norm(design @ coef - y_mm[inside], axis=1).mean()
+        return out, float(nonaffine)
 
     def _draw_pose(self, rng: np.random.Generator, sex: str
                    ) -> tuple[float, np.ndarray, np.ndarray]:
@@ -529,16 +593,24 @@ class SubjectRenderer:
             t = self.model.template
             centre = nib.affines.apply_affine(t.affine, np.argwhere(t.mask).mean(axis=0))
             img, pose = to_native(img, native, rng, centre, self.config.resolution)
-            anatomy = self.subject_affine(subject.index, subject.sex)
+            drawn = self.subject_affine(subject.index, subject.sex)
+            fitted, nonaffine = self.subject_affine_fit(subject.index, subject.sex)
             write_json(transform_path(root, subject.participant_id), {
                 "native_from_mni": pose.tolist(),
-                "native_from_template": (pose @ anatomy).tolist(),
+                "native_from_template": (pose @ fitted).tolist(),
+                "native_from_template_drawn": (pose @ drawn).tolist(),
+                "nonaffine_mm": nonaffine,
                 "description": "RAS+ mm. native_from_mni: the head pose, a point of the "
                                "subject's MNI-space image -> the same point of the native "
                                "image. native_from_template: a point of the template -> "
-                               "the native image, through the subject's own head size, "
-                               "rotation and shift (its smooth deformation left out): what "
-                               "an affine registration to the template should find.",
+                               "the native image, through the best affine (least squares "
+                               "over the template brain) of the subject's whole anatomy: "
+                               "what an affine registration to the template should find. "
+                               "native_from_template_drawn: the same through the drawn "
+                               "head size, rotation and shift alone (without the affine "
+                               "part of the smooth deformations). nonaffine_mm: mean "
+                               "distance over the brain between the best affine and the "
+                               "whole anatomy (what no affine holds).",
                 "native_space": native.to_dict(),
             })
         img.set_data_dtype(np.int16)  # nibabel picks the scaling (scl_slope)
