@@ -13,7 +13,12 @@ from brainage_core._utils.io import check_output_folder, write_table
 from brainage_core._utils.validation import BrainAgeInputError, check_positive
 from brainage_core.data.cache import PreparedCohort, prepare_cohort, prepare_shard
 from brainage_core.data.manifest import AGE_RANGE, ON_ERROR_CHOICES, check_age_range
-from brainage_core.data.qc import QC_POLICIES, cohort_qc
+from brainage_core.data.qc import (
+    QC_POLICIES,
+    intensity_percentiles,
+    judge_cohort,
+    preprocess_with_qc,
+)
 from brainage_core.data.sources.bids import load_bids
 from brainage_core.data.sources.csv import load_csv
 from brainage_core.data.sources.oasis import fetch_oasis
@@ -188,7 +193,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default="warn",
         help="input quality control of every image against the template and the cohort "
         "(brainage_core.data.qc): warn lists the flagged images (default), skip leaves them "
-        "out, raise stops at the first; the table and page go to CACHE_DIR/<key>.qc/",
+        "out, raise stops at the first (once the cohort is prepared: each image is read once, "
+        "measured as it is prepared); the table and page go to CACHE_DIR/<key>.qc/",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run, spelling=SPELLING)
@@ -220,34 +226,56 @@ def run(args: argparse.Namespace) -> int:
         attrs = dict(manifest.attrs)
         manifest = manifest.iloc[: args.n_subjects].reset_index(drop=True)
         manifest.attrs = attrs
-    # QC is per image and deterministic, so every shard drops the same images with --qc skip
-    manifest, checked = _quality_control(manifest, args)
-    if args.shard is not None:
-        cohort = prepare_shard(
-            manifest,
-            args.out,
-            shard=tuple(args.shard),
-            resolution=args.resolution,
-            on_error=args.on_error,
-            split_fractions=args.split_fractions,
-            seed=args.seed,
-            n_jobs=args.n_jobs,
-            progress=not args.no_progress,
-            age_range=tuple(args.age_range),
-            register=args.register,
-        )
-        if cohort is None:
-            index, count = args.shard
-            print(f"shard {index} of {count} done; the shard that completes the set "
-                  "publishes the cache")
-            return 0
-    else:
-        cohort = _prepare_whole(args, manifest)
+    # One read per image: the QC measures are taken while each image is prepared (a shard
+    # measures its own rows only); the flags compare each image with the whole cohort, so
+    # they follow once every image is in (the publishing shard judges them).
+    full = _prepare(args, manifest)
+    if full is None:
+        index, count = args.shard
+        print(f"shard {index} of {count} done; the shard that completes the set "
+              "publishes the cache")
+        return 0
+    checked = _quality_control(full, manifest, args)
+    bad = checked[~checked["qc_pass"] & ~checked["qc_flags"].str.startswith("unreadable")]
+    if len(bad) and args.qc == "raise":
+        first = bad.iloc[0]
+        raise BrainAgeInputError(
+            f"participant {first['participant_id']!r} fails quality control: "
+            f"{first['qc_reasons']} (use --qc warn to keep it flagged, --qc skip to leave it "
+            "out)", first["path"])
+    cohort = full
+    if len(bad) and args.qc == "skip":
+        # the cohort without them: its images are copied from the whole one, not read again
+        attrs = dict(manifest.attrs)
+        kept = manifest[~manifest["path"].isin(set(bad["path"]))].reset_index(drop=True)
+        kept.attrs = attrs
+        cohort = _prepare_whole(args, kept, reuse=full)
     _summary(cohort, checked, args)
     return 0
 
 
-def _prepare_whole(args: argparse.Namespace, manifest: pd.DataFrame) -> PreparedCohort:
+def _prepare(args: argparse.Namespace, manifest: pd.DataFrame) -> PreparedCohort | None:
+    """The whole manifest prepared with its QC measures (None: a shard, not the last)."""
+    if args.shard is None:
+        return _prepare_whole(args, manifest)
+    return prepare_shard(
+        manifest,
+        args.out,
+        shard=tuple(args.shard),
+        resolution=args.resolution,
+        on_error=args.on_error,
+        split_fractions=args.split_fractions,
+        seed=args.seed,
+        n_jobs=args.n_jobs,
+        progress=not args.no_progress,
+        age_range=tuple(args.age_range),
+        register=args.register,
+        qc=True,
+    )
+
+
+def _prepare_whole(args: argparse.Namespace, manifest: pd.DataFrame,
+                   reuse: PreparedCohort | None = None) -> PreparedCohort:
     return prepare_cohort(
         manifest,
         args.out,
@@ -260,6 +288,8 @@ def _prepare_whole(args: argparse.Namespace, manifest: pd.DataFrame) -> Prepared
         age_range=tuple(args.age_range),
         wait=not args.no_wait,
         register=args.register,
+        qc=True,
+        reuse=reuse,
     )
 
 
@@ -279,24 +309,35 @@ def _summary(cohort: PreparedCohort, checked: pd.DataFrame, args: argparse.Names
             print(skipped[["participant_id", "reason"]].to_string(index=False), file=sys.stdout)
 
 
-def _quality_control(manifest: pd.DataFrame, args: argparse.Namespace
-                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """QC every image with a file; with ``--qc skip`` drop the flagged ones."""
+def _quality_control(cohort: PreparedCohort, manifest: pd.DataFrame,
+                     args: argparse.Namespace) -> pd.DataFrame:
+    """QC of every image with a file, from the measures taken while preparing it.
+
+    An image without measures (never read: a manifest row left out for its metadata, an
+    unreadable image, a cache prepared earlier without QC) is measured here.
+    """
+    template = load_template(args.resolution)
     has_file = [bool(p) and Path(str(p)).is_file() for p in manifest["path"]]
-    checked = cohort_qc(manifest.loc[has_file], load_template(args.resolution),
-                        register=args.register, progress=not args.no_progress)
-    bad = checked[~checked["qc_pass"] & ~checked["qc_flags"].str.startswith("unreadable")]
-    if len(bad) and args.qc == "raise":
-        first = bad.iloc[0]
-        raise BrainAgeInputError(
-            f"participant {first['participant_id']!r} fails quality control: "
-            f"{first['qc_reasons']} (use --qc warn to keep it flagged, --qc skip to leave it "
-            "out)", first["path"])
-    if len(bad) and args.qc == "skip":
-        attrs = dict(manifest.attrs)
-        manifest = manifest[~manifest["path"].isin(set(bad["path"]))].reset_index(drop=True)
-        manifest.attrs = attrs
-    return manifest, checked
+    measured = cohort.qc_measures()
+    rows: list[dict] = []
+    profiles: list[np.ndarray | None] = []
+    for rec in manifest.loc[has_file, ["participant_id", "path"]].itertuples(index=False):
+        row = {"participant_id": rec.participant_id, "path": rec.path}
+        got = measured.get(str(rec.path))
+        if got is None:
+            try:
+                result = preprocess_with_qc(str(rec.path), template, register=args.register)
+            except BrainAgeInputError as err:
+                row["error"] = str(err)
+                rows.append(row)
+                profiles.append(None)
+                continue
+            got = {"measures": result.measures,
+                   "profile": intensity_percentiles(result.image, template.mask)}
+        row.update(got["measures"])
+        rows.append(row)
+        profiles.append(np.asarray(got["profile"], dtype=float))
+    return judge_cohort(rows, profiles, template, register=args.register)
 
 
 def _report_qc(checked: pd.DataFrame, cohort, args: argparse.Namespace) -> None:

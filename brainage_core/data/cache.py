@@ -57,6 +57,7 @@ from brainage_core._utils.validation import BrainAgeInputError, check_choice, ch
 from brainage_core._utils.workers import process_pool
 from brainage_core.data.manifest import AGE_RANGE, ON_ERROR_CHOICES, skip_hint, validate_manifest
 from brainage_core.data.preprocess import preprocess_image, preprocessing_description
+from brainage_core.data.qc import intensity_percentiles, preprocess_with_qc
 from brainage_core.data.splits import SPLITS, check_split_fractions, make_splits
 from brainage_core.data.template import SUPPORTED_RESOLUTIONS, Template, load_template
 
@@ -73,7 +74,12 @@ _SKIPPED_COLUMNS = ["participant_id", "path", "reason"]
 
 #: Files of an unfinished ``<key>.partial/`` that a resumed preparation keeps; anything
 #: else there was left half-written by an interruption and is removed.
-_PARTIAL_FILES = ("images.npy", "done.tsv", "partial.json")
+_PARTIAL_FILES = ("images.npy", "done.tsv", "partial.json", "qc.jsonl")
+
+#: The QC measures of the prepared images (``prepare_cohort(qc=True)``), one JSON line each:
+#: ``path``, ``measures`` (:func:`~brainage_core.data.qc.preprocess_with_qc`) and
+#: ``profile`` (:func:`~brainage_core.data.qc.intensity_percentiles`).
+QC_MEASURES = "qc_measures.jsonl"
 
 #: The file a finished shard of a sharded preparation writes last.
 _SHARD_DONE = "complete.json"
@@ -159,6 +165,23 @@ class PreparedCohort:
     def skipped(self) -> pd.DataFrame:
         """Participants left out of the cache, with the reason (may be empty)."""
         return _read_tsv(self.root / "skipped.tsv", _SKIPPED_COLUMNS)
+
+    def qc_measures(self) -> dict[str, dict[str, Any]]:
+        """The QC measures taken while the images were prepared, by image path.
+
+        Every image of the manifest that was read (kept or left out by QC) has one,
+        ``{"measures": {...}, "profile": [...]}``; empty when the cache was prepared
+        without ``qc`` (:func:`prepare_cohort`).
+        """
+        path = self.root / QC_MEASURES
+        if not path.is_file():
+            return {}
+        out: dict[str, dict[str, Any]] = {}
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                out[rec.pop("path")] = rec
+        return out
 
     def image(self, index: int) -> np.ndarray:
         """Return image ``index`` (cache order) as a float32 array ``(X, Y, Z)``."""
@@ -272,6 +295,8 @@ def prepare_cohort(
     age_range: Sequence[float] = AGE_RANGE,
     wait: bool | None = None,
     register: bool = False,
+    qc: bool = False,
+    reuse: PreparedCohort | None = None,
 ) -> PreparedCohort:
     """Preprocess every image of a manifest into an on-disk cache (or reuse it).
 
@@ -308,6 +333,15 @@ def prepare_cohort(
     register : bool, default=False
         Register every image affinely to the MNI template first
         (:mod:`brainage_core.data.register`; part of the cache key).
+    qc : bool, default=False
+        Also take each image's QC measures in the same pass
+        (:func:`~brainage_core.data.qc.preprocess_with_qc`: the image is read once); they
+        are kept in the cache (:meth:`PreparedCohort.qc_measures`), not in its key. A cache
+        found ready is returned as it is, with or without measures.
+    reuse : PreparedCohort or None, default=None
+        A cohort prepared earlier from the same files, grid and preprocessing (for
+        example the whole manifest, before QC left some images out): the images (and
+        measures) of its paths are copied from it instead of being read again.
 
     Returns
     -------
@@ -339,7 +373,11 @@ def prepare_cohort(
             on_error=on_error,
             n_jobs=n_jobs,
             progress=progress,
+            qc=qc,
+            reuse=_check_reuse(reuse, params),
         )
+        _write_qc_measures(partial / "qc.jsonl", clean["path"].tolist(), range(len(clean)),
+                           partial / QC_MEASURES)
         _publish(clean, manifest_skipped, records, partial, final, template, params, key)
     return PreparedCohort.open(final)
 
@@ -446,11 +484,14 @@ def _compute_images(
     n_jobs: int,
     progress: bool,
     positions: Sequence[int] | None = None,
+    qc: bool = False,
+    reuse: PreparedCohort | None = None,
 ) -> dict[int, str | None]:
     """Fill ``partial/images.npy``; return {index: None (done) or skip reason}.
 
     With ``positions``, only those manifest rows are prepared, into slots ``0..`` of the
-    file (and the indices returned are those slots).
+    file (and the indices returned are those slots). With ``qc``, each image's QC measures
+    go to ``partial/qc.jsonl`` (by slot) before the slot is recorded done.
     """
     if positions is not None:
         manifest = manifest.iloc[list(positions)].reset_index(drop=True)
@@ -468,18 +509,27 @@ def _compute_images(
         )
     images_path = partial / "images.npy"
     done_path = partial / "done.tsv"
+    qc_path = partial / "qc.jsonl"
     writer = ImageFileWriter.resume(images_path, shape)
     records = _read_done(done_path, n) if writer is not None else {}
     if writer is None:
         done_path.unlink(missing_ok=True)
+        qc_path.unlink(missing_ok=True)
         writer = ImageFileWriter.create(images_path, shape)
 
     todo = [i for i in range(n) if i not in records]
     paths = manifest["path"].tolist()
     ids = manifest["participant_id"].tolist()
     pending: list[tuple[int, str | None]] = []
+    pending_qc: list[str] = []
 
     def flush() -> None:
+        if pending_qc:  # before done.tsv: a slot recorded done has its measures
+            with open(qc_path, "a", encoding="utf-8") as fh:
+                fh.writelines(pending_qc)
+                fh.flush()
+                os.fsync(fh.fileno())
+            pending_qc.clear()
         if pending:
             writer.flush()
             with open(done_path, "a", encoding="utf-8") as fh:
@@ -499,9 +549,12 @@ def _compute_images(
         **({} if progress else {"disable": True}),  # else TQDM_DISABLE decides
     )
     register = "registration" in params["preprocessing"]
-    results = _iter_results(todo, paths, template.resolution, n_jobs, register)
+    results = _iter_results(todo, paths, template.resolution, n_jobs, register, qc=qc,
+                            reuse=reuse)
     try:
-        for i, array, error in results:
+        for i, array, error, measures in results:
+            if measures is not None:
+                pending_qc.append(json.dumps({"slot": i, **measures}) + "\n")
             if error is not None:
                 reason, where = error
                 if on_error == "raise":
@@ -524,12 +577,22 @@ def _compute_images(
 
 
 def _iter_results(
-    todo: list[int], paths: list[str], resolution: int, n_jobs: int, register: bool = False
-) -> Iterator[tuple[int, np.ndarray | None, tuple[str, str] | None]]:
-    """Yield ``(index, float16 array or None, (reason, file) or None)`` as images finish."""
+    todo: list[int], paths: list[str], resolution: int, n_jobs: int, register: bool = False,
+    *, qc: bool = False, reuse: PreparedCohort | None = None,
+) -> Iterator[tuple[int, np.ndarray | None, tuple[str, str] | None, dict[str, Any] | None]]:
+    """Yield ``(index, float16 array or None, (reason, file) or None, QC measures or None)``
+    as images finish; images of ``reuse`` first, copied from it."""
+    if reuse is not None:
+        where = {str(p): j for j, p in enumerate(reuse.table["path"])}
+        measures = reuse.qc_measures() if qc else {}
+        copied = [i for i in todo if paths[i] in where and (not qc or paths[i] in measures)]
+        for i in copied:
+            yield (i, np.asarray(reuse.images[where[paths[i]]], dtype=np.float16), None,
+                   measures.get(paths[i]))
+        todo = [i for i in todo if i not in set(copied)]
     if n_jobs == 1 or len(todo) < MIN_IMAGES_FOR_WORKERS:
         for i in todo:
-            yield _prepare_one(i, paths[i], resolution, register)
+            yield _prepare_one(i, paths[i], resolution, register, qc)
         return
     # fork (Linux) starts workers at once, shares the loaded template and, unlike spawn,
     # works from scripts without an ``if __name__ == "__main__"`` guard. The workers die
@@ -540,7 +603,7 @@ def _iter_results(
         running: set[cf.Future] = set()
         try:
             for i in queue:
-                running.add(ex.submit(_prepare_one, i, paths[i], resolution, register))
+                running.add(ex.submit(_prepare_one, i, paths[i], resolution, register, qc))
                 if len(running) >= window:
                     break
             while running:
@@ -550,24 +613,87 @@ def _iter_results(
                     nxt = next(queue, None)
                     if nxt is not None:
                         running.add(
-                            ex.submit(_prepare_one, nxt, paths[nxt], resolution, register))
+                            ex.submit(_prepare_one, nxt, paths[nxt], resolution, register,
+                                      qc))
         finally:
             for fut in running:
                 fut.cancel()
 
 
 def _prepare_one(
-    index: int, path: str, resolution: int, register: bool = False
-) -> tuple[int, np.ndarray | None, tuple[str, str] | None]:
-    """Preprocess one image (runs in a worker); errors are returned, not raised."""
+    index: int, path: str, resolution: int, register: bool = False, qc: bool = False
+) -> tuple[int, np.ndarray | None, tuple[str, str] | None, dict[str, Any] | None]:
+    """Preprocess one image (runs in a worker); errors are returned, not raised.
+
+    With ``qc``, the image is preprocessed by
+    :func:`~brainage_core.data.qc.preprocess_with_qc` (the same image) and its measures
+    come back with it.
+    """
+    template = load_template(resolution)
+    measures = None
     try:
-        array = preprocess_image(path, load_template(resolution), register=register)
+        if qc:
+            result = preprocess_with_qc(path, template, register=register)
+            array = result.image
+            measures = {"measures": result.measures,
+                        "profile": intensity_percentiles(array, template.mask).tolist()}
+        else:
+            array = preprocess_image(path, template, register=register)
     except BrainAgeInputError as err:
         message = str(err)
         prefix = f"{err.path}: " if err.path else ""
         reason = message[len(prefix) :] if prefix and message.startswith(prefix) else message
-        return index, None, (reason, err.path or path)
-    return index, array.astype(np.float16), None
+        return index, None, (reason, err.path or path), None
+    return index, array.astype(np.float16), None, measures
+
+
+def _check_reuse(reuse: PreparedCohort | None, params: dict[str, Any]
+                 ) -> PreparedCohort | None:
+    """``reuse`` if it was prepared on the same grid with the same preprocessing."""
+    if reuse is None:
+        return None
+    same = (reuse.metadata.get("resolution") == params["resolution"]
+            and reuse.metadata.get("preprocessing") == params["preprocessing"])
+    if not same:
+        raise BrainAgeInputError("'reuse' was prepared on another grid or with another "
+                                 "preprocessing", reuse.root)
+    return reuse
+
+
+def _read_qc(path: Path) -> dict[int, dict[str, Any]]:
+    """The measures of ``qc.jsonl`` by slot (the last record of a slot wins)."""
+    out: dict[int, dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut by an interruption
+            out[int(rec.pop("slot"))] = rec
+    return out
+
+
+def _write_qc_measures(source: Path | Sequence[Path], paths: Sequence[str],
+                       rows: Sequence[int] | Sequence[Sequence[int]], target: Path) -> None:
+    """Write :data:`QC_MEASURES` (by image path) from one or several ``qc.jsonl`` (by slot).
+
+    ``rows[k][slot]`` is the manifest row of a slot of ``source[k]`` (one source: ``rows``
+    is that source's list).
+    """
+    sources = [source] if isinstance(source, Path) else list(source)
+    row_lists = [rows] if isinstance(source, Path) else list(rows)
+    lines = []
+    for src, slots in zip(sources, row_lists, strict=True):
+        slots = list(slots)
+        for slot, rec in sorted(_read_qc(src).items()):
+            if slot < len(slots):
+                lines.append((slots[slot], rec))
+    if not lines:
+        return
+    lines.sort(key=lambda item: item[0])
+    with open(target, "w", encoding="utf-8") as fh:
+        for row, rec in lines:
+            fh.write(json.dumps({"path": str(paths[row]), **rec}) + "\n")
 
 
 def _publish(
@@ -645,7 +771,7 @@ def _publish(
     write_json(partial / "metadata.json", metadata)
     (partial / "partial.json").unlink(missing_ok=True)
     _clean_partial(partial, keep=("images.npy", "table.tsv", "skipped.tsv", "mask.npy",
-                                  "metadata.json"))
+                                  "metadata.json", QC_MEASURES))
     if final.exists():  # a stale, incomplete folder (no metadata.json): replace it
         shutil.rmtree(final)
     os.replace(partial, final)
@@ -778,6 +904,7 @@ def prepare_shard(
     metadata: dict[str, Any] | None = None,
     age_range: Sequence[float] = AGE_RANGE,
     register: bool = False,
+    qc: bool = False,
 ) -> PreparedCohort | None:
     """Prepare one shard of a cohort; the shard that completes the set publishes it.
 
@@ -800,6 +927,9 @@ def prepare_shard(
         ``(index, count)`` with ``0 <= index < count``.
     n_jobs : int, default=1
         Worker processes of this shard (one process per shard is the usual layout).
+    qc : bool, default=False
+        Each shard takes the QC measures of its own rows only, in the same pass; the
+        publishing shard gathers them into the cache.
     Other parameters
         As :func:`prepare_cohort`.
 
@@ -824,7 +954,8 @@ def prepare_shard(
     positions = range(index, len(clean), count)
     if not (part / _SHARD_DONE).is_file():
         records = _compute_images(clean, part, template, params=params, on_error=on_error,
-                                  n_jobs=n_jobs, progress=progress, positions=positions)
+                                  n_jobs=n_jobs, progress=progress, positions=positions,
+                                  qc=qc)
         write_json(part / _SHARD_DONE, {"shard": [index, count], "n_rows": len(positions),
                                         "n_done": len(records)})
     return _publish_shards(clean, manifest_skipped, cache_dir, key, count, template, params)
@@ -886,6 +1017,8 @@ def _publish_shards(
             finally:
                 writer.close()
             del sources
+        _write_qc_measures([part / "qc.jsonl" for part in parts], manifest["path"].tolist(),
+                           [range(i, n, count) for i in range(count)], folder / QC_MEASURES)
         _publish(manifest, manifest_skipped, records, folder, final, template, params, key,
                  compacted=True)
         for part in parts:

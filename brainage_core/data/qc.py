@@ -488,6 +488,37 @@ def cohort_qc(
             row.update(result.measures)
             profiles.append(intensity_percentiles(result.image, template.mask))
         rows.append(row)
+    return judge_cohort(rows, profiles, template, thresholds=thresholds, register=register)
+
+
+def judge_cohort(
+    rows: list[dict[str, Any]],
+    profiles: list[np.ndarray | None],
+    template: Template,
+    *,
+    thresholds: QCThresholds | None = None,
+    register: bool = False,
+) -> pd.DataFrame:
+    """Flag a cohort's images from their measures (the second half of :func:`cohort_qc`).
+
+    Parameters
+    ----------
+    rows : list of dict
+        One per image: ``participant_id``, ``path`` and the measures of
+        :func:`preprocess_with_qc`, or ``error`` (the image could not be read).
+    profiles : list of numpy.ndarray or None
+        The images' :func:`intensity_percentiles` (None where ``error``).
+    template, thresholds, register
+        As :func:`cohort_qc`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        As :func:`cohort_qc`. Only the images whose NCC is low are read again, for the pose
+        and orientation searches.
+    """
+    thresholds = thresholds or QCThresholds()
+    rows = [dict(r) for r in rows]
     valid = [p for p in profiles if p is not None]
     nccs = [r["ncc"] for r in rows if "ncc" in r]
     reference = {
