@@ -13,12 +13,7 @@ from brainage_core._utils.io import check_output_folder, write_table
 from brainage_core._utils.validation import BrainAgeInputError, check_positive
 from brainage_core.data.cache import PreparedCohort, prepare_cohort, prepare_shard
 from brainage_core.data.manifest import AGE_RANGE, ON_ERROR_CHOICES, check_age_range
-from brainage_core.data.qc import (
-    QC_POLICIES,
-    intensity_percentiles,
-    judge_cohort,
-    preprocess_with_qc,
-)
+from brainage_core.data.qc import QC_POLICIES, cohort_qc
 from brainage_core.data.sources.bids import load_bids
 from brainage_core.data.sources.csv import load_csv
 from brainage_core.data.sources.oasis import fetch_oasis
@@ -316,28 +311,10 @@ def _quality_control(cohort: PreparedCohort, manifest: pd.DataFrame,
     An image without measures (never read: a manifest row left out for its metadata, an
     unreadable image, a cache prepared earlier without QC) is measured here.
     """
-    template = load_template(args.resolution)
     has_file = [bool(p) and Path(str(p)).is_file() for p in manifest["path"]]
-    measured = cohort.qc_measures()
-    rows: list[dict] = []
-    profiles: list[np.ndarray | None] = []
-    for rec in manifest.loc[has_file, ["participant_id", "path"]].itertuples(index=False):
-        row = {"participant_id": rec.participant_id, "path": rec.path}
-        got = measured.get(str(rec.path))
-        if got is None:
-            try:
-                result = preprocess_with_qc(str(rec.path), template, register=args.register)
-            except BrainAgeInputError as err:
-                row["error"] = str(err)
-                rows.append(row)
-                profiles.append(None)
-                continue
-            got = {"measures": result.measures,
-                   "profile": intensity_percentiles(result.image, template.mask)}
-        row.update(got["measures"])
-        rows.append(row)
-        profiles.append(np.asarray(got["profile"], dtype=float))
-    return judge_cohort(rows, profiles, template, register=args.register)
+    return cohort_qc(manifest.loc[has_file], load_template(args.resolution),
+                     register=args.register, progress=not args.no_progress,
+                     measured=cohort.qc_measures())
 
 
 def _report_qc(checked: pd.DataFrame, cohort, args: argparse.Namespace) -> None:

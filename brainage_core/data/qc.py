@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -445,6 +446,7 @@ def cohort_qc(
     thresholds: QCThresholds | None = None,
     register: bool = False,
     progress: bool = True,
+    measured: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> pd.DataFrame:
     """QC of every image of a cohort, against the cohort itself (``prepare``, notebook 01).
 
@@ -465,6 +467,10 @@ def cohort_qc(
         Register each image first, as ``prepare --register`` does.
     progress : bool, default=True
         Show a progress bar.
+    measured : mapping or None, default=None
+        Measures already taken, by image path (``{"measures": ..., "profile": ...}``, as
+        :meth:`~brainage_core.data.cache.PreparedCohort.qc_measures` gives those taken
+        while the images were prepared): those images are not read again.
 
     Returns
     -------
@@ -479,6 +485,12 @@ def cohort_qc(
     for rec in tqdm(table[["participant_id", "path"]].itertuples(index=False), total=len(table),
                     desc="QC", unit="img", disable=None if progress else True):
         row: dict[str, Any] = {"participant_id": rec.participant_id, "path": rec.path}
+        known = (measured or {}).get(str(rec.path))
+        if known is not None:
+            row.update(known["measures"])
+            profiles.append(np.asarray(known["profile"], dtype=float))
+            rows.append(row)
+            continue
         try:
             result = preprocess_with_qc(str(rec.path), template, register=register)
         except BrainAgeInputError as err:

@@ -91,3 +91,26 @@ def test_prepare_reads_each_image_once_and_shards_give_the_same_result(
         assert (root / name).read_bytes() == (root2 / name).read_bytes(), name
     images = np.load(root / "images.npy")
     assert images.shape[0] == len(paths) - 1
+
+
+def test_the_cache_keeps_the_measures_of_the_images_it_read(tmp_path):
+    from helpers.data import make_bids, t1w_path, truncate_gzip
+
+    from brainage_core.data.cache import prepare_cohort
+    from brainage_core.data.sources.bids import load_bids
+
+    root = make_bids(tmp_path / "ds", n=5)
+    truncate_gzip(t1w_path(root, "sub-02"))
+    kw = {"resolution": 8, "on_error": "skip", "progress": False, "n_jobs": 1}
+    cohort = prepare_cohort(load_bids(root), tmp_path / "c", qc=True, **kw)
+    measured = cohort.qc_measures()
+    assert sorted(measured) == sorted(cohort.table["path"])  # not the unreadable one
+    one = qc.preprocess_with_qc(cohort.table["path"][0], load_template(8))
+    got = measured[cohort.table["path"][0]]
+    assert got["measures"] == one.measures
+    np.testing.assert_array_equal(got["profile"],
+                                  qc.intensity_percentiles(one.image, load_template(8).mask))
+    # the same images as without QC: the measures are not part of the key
+    plain = prepare_cohort(load_bids(root), tmp_path / "c2", **kw)
+    assert plain.root.name == cohort.root.name and plain.qc_measures() == {}
+    assert (plain.root / "images.npy").read_bytes() == (cohort.root / "images.npy").read_bytes()
