@@ -29,7 +29,7 @@ def test_subject_affine_says_where_the_template_brain_lands():
 
 
 def test_the_best_affine_of_the_anatomy_is_what_registration_should_find():
-    base = {"n_subjects": 2, "resolution": 8, "seed": 2, "effects": [],
+    base = {"n_subjects": 2, "resolution": 8, "render_resolution": 8, "seed": 2, "effects": [],
             "local_deformation_mm": 0.0, "rotation_deg": 3.0, "translation_mm": 3.0}
     # without smooth deformation, the fit is the drawn head size, rotation and shift
     plain = SubjectRenderer(AgeingModel(SynthConfig.from_dict({**base, "deformation_mm": 0.0})))
