@@ -64,7 +64,7 @@ from brainage_core.explain.noise.objective import (
 )
 from brainage_core.explain.noise.perturbations import BatchShard
 from brainage_core.explain.noise.settings import NoiseSettings
-from brainage_core.models.distributed import amp_dtype
+from brainage_core.models.distributed import amp_dtype, check_num_workers, resolve_num_workers
 from brainage_core.models.unet import UNet3D
 
 #: Version of the checkpoint layout written by :meth:`NoiseMapExplainer.save`.
@@ -194,7 +194,7 @@ class NoiseMapExplainer(NoiseObjective):
         checkpoint_path: str | os.PathLike | None = None,
         resume: bool = True,
         progress: bool = True,
-        num_workers: int = 0,
+        num_workers: int | str = "auto",
         amp: bool = True,
     ) -> NoiseMapExplainer:
         """Train the noise model with the predictor frozen.
@@ -231,8 +231,11 @@ class NoiseMapExplainer(NoiseObjective):
             overwrite it.
         progress : bool, default=True
             Show a tqdm progress bar over epochs (rank 0 only).
-        num_workers : int, default=0
-            DataLoader worker processes reading and converting the images.
+        num_workers : int or "auto", default="auto"
+            DataLoader worker processes reading and converting the images, for training
+            and validation (pinned memory on CUDA); ``"auto"``: none on the CPU, some on
+            CUDA (:func:`~brainage_core.models.distributed.resolve_num_workers`). The
+            result does not depend on it.
         amp : bool, default=True
             Mixed precision on CUDA (:func:`~brainage_core.models.distributed.amp_dtype`:
             bfloat16 where native, else float16 with a gradient scaler); the losses are
@@ -246,7 +249,8 @@ class NoiseMapExplainer(NoiseObjective):
         check_positive("epochs", epochs, integer=True)
         check_positive("batch_size", batch_size, integer=True)
         check_positive("lr", lr)
-        check_positive("num_workers", num_workers, integer=True, allow_zero=True)
+        num_workers = resolve_num_workers(check_num_workers("num_workers", num_workers),
+                                          self.device)
         rank, world = _process_group()
         if batch_size % world:
             raise BrainAgeInputError(
@@ -283,7 +287,8 @@ class NoiseMapExplainer(NoiseObjective):
                 start = time.perf_counter()
                 row = self._train_epoch(train_set, loop, epoch)
                 if val_set is not None:
-                    val = self.evaluate(val_set, batch_size=batch_size, seed_offset=epoch)
+                    val = self.evaluate(val_set, batch_size=batch_size, seed_offset=epoch,
+                                        num_workers=num_workers)
                     row.update({f"val_{k}": v for k, v in val.items()})
                     row["val_objective"] = val["task"] + self.noise.lam * val["reg"]
                     if self._best is None or row["val_objective"] <= self._best[0]:
@@ -400,9 +405,12 @@ class NoiseMapExplainer(NoiseObjective):
 
     @torch.no_grad()
     def evaluate(
-        self, data: Any, *, batch_size: int = 8, n_draws: int = 1, seed_offset: int = 0
+        self, data: Any, *, batch_size: int = 8, n_draws: int = 1, seed_offset: int = 0,
+        num_workers: int = 0,
     ) -> dict[str, float]:
         """Predictor error on clean and noised images of ``data``.
+
+        ``num_workers`` DataLoader workers read the images (pinned memory on CUDA).
 
         Returns
         -------
@@ -421,9 +429,12 @@ class NoiseMapExplainer(NoiseObjective):
         count = 0
         gen = epoch_generator(self.noise.seed, 10_000 + seed_offset, 2, self.device)
         with frozen(self.predictor):
-            for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                    num_workers=num_workers,
+                                    pin_memory=self.device.type == "cuda"):
                 x, ages = split_item(batch)
-                x, ages = x.to(self.device), ages.to(self.device)
+                x = x.to(self.device, non_blocking=True)
+                ages = ages.to(self.device, non_blocking=True)
                 clean = predict_batch(self.predictor, x)
                 targets = clean if self.noise.target == "prediction" else self._targets(x, ages)
                 logits = self._logits(x)
