@@ -14,7 +14,8 @@ Layout of ``cache_dir``::
         skipped.tsv         participants left out (on_error="skip") with the reason
         mask.npy            brain mask of the grid (bool)
         metadata.json       format version, key, grid, affine, parameters, source
-    <key>.partial/          work in progress: images.npy, done.tsv, partial.json (resumable)
+    <key>.partial/          work in progress: images.npy, done.tsv, partial.json,
+                            compact.json (resumable)
     <key>.lock              serialises concurrent preparations of the same key; records
                             its holder (see :mod:`brainage_core._utils.locks`)
 
@@ -24,18 +25,25 @@ The work happens in ``<key>.partial/`` and is moved to ``<key>/`` by :func:`os.r
 only once complete, so an interrupted preparation leaves nothing a later run trusts; a
 later run with the same inputs resumes from the subjects recorded in ``done.tsv``.
 
+Each image is written once into its row of ``<key>.partial/images.npy``. When subjects
+are skipped (``on_error="skip"``), the kept rows are then moved up in place
+(:func:`compact_in_place`, resumable through ``compact.json``): only the rows after the
+first skipped subject move, and the array is never copied whole (about 100 GB for
+10,000 subjects at 1 mm).
+
 Reliability: a killed preparation (SIGKILL included) leaves no worker behind and no lock
 that blocks the next one (:mod:`brainage_core._utils.workers`, :mod:`brainage_core._utils.locks`);
 the next run resumes and publishes a cache identical to an uninterrupted one. Files left
-half-written by the kill (temporary files, a half-compacted array) are removed before
-anything is published, and an unfinished ``.partial`` of the same source and grid whose
-inputs have changed since (a fixed image, an edited table) is removed with a notice.
+half-written by the kill (temporary files) are removed and a cut compaction resumes
+before anything is published; an unfinished ``.partial`` of the same source and grid
+whose inputs have changed since (a fixed image, an edited table) is removed with a notice.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -73,7 +81,13 @@ _SKIPPED_COLUMNS = ["participant_id", "path", "reason"]
 
 #: Files of an unfinished ``<key>.partial/`` that a resumed preparation keeps; anything
 #: else there was left half-written by an interruption and is removed.
-_PARTIAL_FILES = ("images.npy", "done.tsv", "partial.json")
+_PARTIAL_FILES = ("images.npy", "done.tsv", "partial.json", "compact.json")
+
+#: Progress record of the in-place compaction of ``images.npy`` (skipped subjects).
+_COMPACT = "compact.json"
+
+#: Most images moved between two progress records of the compaction.
+COMPACT_BATCH = 64
 
 #: The file a finished shard of a sharded preparation writes last.
 _SHARD_DONE = "complete.json"
@@ -83,6 +97,7 @@ __all__ = [
     "ImageFileWriter",
     "PreparedCohort",
     "cache_key",
+    "compact_in_place",
     "file_lock",
     "prepare_cohort",
     "prepare_shard",
@@ -468,6 +483,12 @@ def _compute_images(
         )
     images_path = partial / "images.npy"
     done_path = partial / "done.tsv"
+    if (partial / _COMPACT).is_file():
+        # every image was computed and the array is being compacted: _publish resumes it
+        records = _read_done(done_path, n)
+        if len(records) == n:
+            return records
+    (partial / _COMPACT).unlink(missing_ok=True)
     writer = ImageFileWriter.resume(images_path, shape)
     records = _read_done(done_path, n) if writer is not None else {}
     if writer is None:
@@ -606,15 +627,8 @@ def _publish(
             params["source"].get("source_root"),
         )
     images_path = partial / "images.npy"
-    if not ok.all() and not compacted:  # drop the skipped slots, streaming
-        src = np.load(images_path, mmap_mode="r")
-        compact_path = partial / "images.compact.npy"
-        dst = ImageFileWriter.create(compact_path, (int(ok.sum()), *src.shape[1:]))
-        for j, i in enumerate(np.flatnonzero(ok)):
-            dst.write(j, src[i])
-        dst.close()
-        del src
-        os.replace(compact_path, images_path)
+    if not ok.all() and not compacted:  # drop the skipped slots, in place
+        compact_in_place(images_path, ok, partial / _COMPACT)
 
     table = manifest.loc[ok].reset_index(drop=True).copy()
     # rows of one subject (sessions, runs) share a split
@@ -623,7 +637,6 @@ def _publish(
     write_table(partial / "table.tsv", table)
     write_table(partial / "skipped.tsv", skipped)
     np.save(partial / "mask.npy", np.asarray(template.mask, dtype=bool))
-    (partial / "done.tsv").unlink(missing_ok=True)
     counts = {s: int((table["split"] == s).sum()) for s in SPLITS}
     metadata = {
         **params["source"],
@@ -649,6 +662,81 @@ def _publish(
     if final.exists():  # a stale, incomplete folder (no metadata.json): replace it
         shutil.rmtree(final)
     os.replace(partial, final)
+
+
+def compact_in_place(path: Path, keep: np.ndarray, record: Path) -> None:
+    """Drop the rows of a float16 ``.npy`` file where ``keep`` is False, in place.
+
+    Kept row ``i`` moves to row ``j`` (its rank among the kept rows, ``j <= i``); rows
+    before the first dropped one stay where they are. Then the header is rewritten with
+    the new row count (numpy pads the header so that the first axis can grow or shrink
+    without changing its length) and the file is truncated. The result is byte for byte
+    the file :class:`ImageFileWriter` writes with the kept rows only, without a second
+    copy of the array on disk and with one image in memory.
+
+    The compaction resumes after a kill: ``record`` holds how many kept rows are in
+    place. Between two records, the moves ``j0 .. j1 - 1`` read rows ``keep_idx[j0] ..``
+    and write rows ``j0 .. j1 - 1``; they are limited to ``j1 <= keep_idx[j0]`` (the gap
+    left by the dropped rows so far, and at most :data:`COMPACT_BATCH`), so that no move
+    of a batch overwrites a row that the batch reads and replaying a cut batch is exact.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The ``.npy`` file of shape ``(len(keep), ...)``, or a partly compacted one with
+        its ``record``.
+    keep : numpy.ndarray of bool
+        The rows to keep, in the original row order.
+    record : pathlib.Path
+        The progress record (JSON), written atomically after each batch; left in place
+        when the compaction is done (the caller removes it with the folder's other files).
+    """
+    keep = np.asarray(keep, dtype=bool)
+    kept = np.flatnonzero(keep)
+    n, n_kept = int(keep.size), int(kept.size)
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        file_shape, fortran, dtype = read(fh)
+        offset = fh.tell()
+    row_shape = tuple(int(s) for s in file_shape[1:])
+    row_bytes = int(np.prod(row_shape)) * np.dtype(dtype).itemsize
+    state = {"n": n, "n_kept": n_kept, "moved": int(np.argmin(keep)) if n_kept < n else n}
+    try:
+        stored = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        stored = None
+    if isinstance(stored, dict) and (stored.get("n"), stored.get("n_kept")) == (n, n_kept):
+        state = stored
+    elif tuple(file_shape) != (n, *row_shape):
+        raise BrainAgeInputError(
+            f"images.npy holds {tuple(file_shape)} rows; {n} expected and no compaction "
+            "record: prepare the cohort again", path)
+    header = io.BytesIO()
+    write_header = (np.lib.format.write_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.write_array_header_2_0)
+    write_header(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                          "fortran_order": bool(fortran), "shape": (n_kept, *row_shape)})
+    if len(header.getvalue()) != offset:  # cannot happen with numpy's padded headers
+        raise BrainAgeInputError("the compacted array's header would change length", path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        j = int(state["moved"])
+        while j < n_kept:
+            end = min(n_kept, int(kept[j]), j + COMPACT_BATCH)
+            for k in range(j, end):
+                if kept[k] != k:
+                    data = os.pread(fd, row_bytes, offset + int(kept[k]) * row_bytes)
+                    os.pwrite(fd, data, offset + k * row_bytes)
+            os.fsync(fd)
+            j = end
+            write_json(record, {**state, "moved": j})
+        os.pwrite(fd, header.getvalue(), 0)
+        os.ftruncate(fd, offset + n_kept * row_bytes)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class ImageFileWriter:
