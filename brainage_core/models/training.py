@@ -37,6 +37,7 @@ from brainage_core._utils.validation import (
 )
 from brainage_core.data.datasets import SPLITS, Augmentation, CohortDataset
 from brainage_core.data.protocol import Cohort
+from brainage_core.models.baseline import RIDGE_SOLVERS
 from brainage_core.models.batchnorm import recalibrate_batchnorm
 from brainage_core.models.cnn import HEADS, NORMS, POOLS, BrainAgeCNN
 from brainage_core.models.distributed import (
@@ -59,7 +60,7 @@ CHECKPOINT_FORMAT = "brainage-predictor/1"
 #: Settings that change how fast a run goes but not what it computes; a checkpoint may be
 #: resumed with other values for these.
 RUNTIME_KEYS = ("device", "amp", "num_threads", "num_workers", "preload", "channels_last",
-                "eval_batch_size", "batch_scope", "sync_batchnorm")
+                "eval_batch_size", "batch_scope", "sync_batchnorm", "baseline_solver")
 
 #: What ``batch_size`` counts under ``torchrun``.
 BATCH_SCOPES = ("global", "per_process")
@@ -189,6 +190,10 @@ class TrainConfig:
     baseline_downsample : int, default=2
         Downsampling factor of the ridge baseline's voxels
         (:func:`brainage_core.models.baseline.fit_ridge_baseline`).
+    baseline_solver : {"auto", "sklearn", "torch"}, default="auto"
+        Solver of the ridge baseline: "auto" fits it with torch on the predictor's device
+        when that is a GPU, with scikit-learn (float64, CPU) otherwise; both choose the
+        same penalty by leave-one-out (:mod:`brainage_core.models.baseline`).
     """
 
     architecture: str = "cnn"
@@ -221,6 +226,7 @@ class TrainConfig:
     sync_batchnorm: bool = True
     eval_batch_size: int = 32
     baseline_downsample: int = 2
+    baseline_solver: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("architecture", self.architecture, tuple(ARCHITECTURES))
@@ -230,6 +236,7 @@ class TrainConfig:
         check_choice("loss", self.loss, ("mae", "mse"))
         check_choice("schedule", self.schedule, ("cosine", "constant"))
         check_choice("batch_scope", self.batch_scope, BATCH_SCOPES)
+        check_choice("baseline_solver", self.baseline_solver, RIDGE_SOLVERS)
         if not isinstance(self.channels, (list, tuple)) or not self.channels or not all(
             isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in self.channels
         ):
