@@ -44,7 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from tqdm.auto import tqdm
 
 from brainage_core._utils.docs import fill_doc
@@ -233,9 +233,10 @@ class NoiseMapExplainer(NoiseObjective):
             Show a tqdm progress bar over epochs (rank 0 only).
         num_workers : int or "auto", default="auto"
             DataLoader worker processes reading and converting the images, for training
-            and validation (pinned memory on CUDA); ``"auto"``: none on the CPU, some on
-            CUDA (:func:`~brainage_core.models.distributed.resolve_num_workers`). The
-            result does not depend on it.
+            and validation (pinned memory on CUDA); ``"auto"``: none on the CPU or for
+            images given as tensors, some on CUDA
+            (:func:`~brainage_core.models.distributed.resolve_num_workers`). The result
+            does not depend on it.
         amp : bool, default=True
             Mixed precision on CUDA (:func:`~brainage_core.models.distributed.amp_dtype`:
             bfloat16 where native, else float16 with a gradient scaler); the losses are
@@ -249,8 +250,7 @@ class NoiseMapExplainer(NoiseObjective):
         check_positive("epochs", epochs, integer=True)
         check_positive("batch_size", batch_size, integer=True)
         check_positive("lr", lr)
-        num_workers = resolve_num_workers(check_num_workers("num_workers", num_workers),
-                                          self.device)
+        num_workers = check_num_workers("num_workers", num_workers)
         rank, world = _process_group()
         if batch_size % world:
             raise BrainAgeInputError(
@@ -258,6 +258,9 @@ class NoiseMapExplainer(NoiseObjective):
                 f"({world})."
             )
         train_set = as_dataset(train_data, "train_data")
+        if num_workers == "auto" and isinstance(train_set, TensorDataset):
+            num_workers = 0  # images already in memory (perhaps on the GPU): nothing to read
+        num_workers = resolve_num_workers(num_workers, self.device)
         val_set = None if val_data is None else as_dataset(val_data, "val_data")
         optimiser = torch.optim.Adam(self.noise_model.parameters(), lr=lr)
         if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
