@@ -355,7 +355,8 @@ def prepare_cohort(
             n_jobs=n_jobs,
             progress=progress,
         )
-        _publish(clean, manifest_skipped, records, partial, final, template, params, key)
+        _publish(clean, manifest_skipped, records, partial, final, template, params, key,
+                 progress=progress)
     return PreparedCohort.open(final)
 
 
@@ -601,6 +602,7 @@ def _publish(
     params: dict[str, Any],
     key: str,
     compacted: bool = False,
+    progress: bool = False,
 ) -> None:
     """Compact, write the table, splits and metadata, then move ``partial`` to ``final``.
 
@@ -628,7 +630,7 @@ def _publish(
         )
     images_path = partial / "images.npy"
     if not ok.all() and not compacted:  # drop the skipped slots, in place
-        compact_in_place(images_path, ok, partial / _COMPACT)
+        compact_in_place(images_path, ok, partial / _COMPACT, progress=progress)
 
     table = manifest.loc[ok].reset_index(drop=True).copy()
     # rows of one subject (sessions, runs) share a split
@@ -664,7 +666,8 @@ def _publish(
     os.replace(partial, final)
 
 
-def compact_in_place(path: Path, keep: np.ndarray, record: Path) -> None:
+def compact_in_place(path: Path, keep: np.ndarray, record: Path, *,
+                     progress: bool = False) -> None:
     """Drop the rows of a float16 ``.npy`` file where ``keep`` is False, in place.
 
     Kept row ``i`` moves to row ``j`` (its rank among the kept rows, ``j <= i``); rows
@@ -690,6 +693,8 @@ def compact_in_place(path: Path, keep: np.ndarray, record: Path) -> None:
     record : pathlib.Path
         The progress record (JSON), written atomically after each batch; left in place
         when the compaction is done (the caller removes it with the folder's other files).
+    progress : bool, default=False
+        Show a progress bar over the rows that move (tqdm).
     """
     keep = np.asarray(keep, dtype=bool)
     kept = np.flatnonzero(keep)
@@ -721,8 +726,10 @@ def compact_in_place(path: Path, keep: np.ndarray, record: Path) -> None:
     if len(header.getvalue()) != offset:  # cannot happen with numpy's padded headers
         raise BrainAgeInputError("the compacted array's header would change length", path)
     fd = os.open(path, os.O_RDWR)
+    j = int(state["moved"])
+    bar = tqdm(total=n_kept, initial=j, desc="compact (skipped subjects)", unit="img",
+               **({} if progress else {"disable": True}))
     try:
-        j = int(state["moved"])
         while j < n_kept:
             end = min(n_kept, int(kept[j]), j + COMPACT_BATCH)
             for k in range(j, end):
@@ -730,6 +737,7 @@ def compact_in_place(path: Path, keep: np.ndarray, record: Path) -> None:
                     data = os.pread(fd, row_bytes, offset + int(kept[k]) * row_bytes)
                     os.pwrite(fd, data, offset + k * row_bytes)
             os.fsync(fd)
+            bar.update(end - j)
             j = end
             write_json(record, {**state, "moved": j})
         os.pwrite(fd, header.getvalue(), 0)
@@ -737,6 +745,7 @@ def compact_in_place(path: Path, keep: np.ndarray, record: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+        bar.close()
 
 
 class ImageFileWriter:

@@ -126,7 +126,7 @@ def test_prepare_killed_during_the_compaction_resumes_without_recomputing(tmp_pa
     compact = cache_mod.compact_in_place
     real_pwrite = cache_mod.os.pwrite
 
-    def cut_compaction(path, keep, record):
+    def cut_compaction(path, keep, record, **options):
         writes = [0]
 
         def failing(fd, data, offset):
@@ -137,7 +137,7 @@ def test_prepare_killed_during_the_compaction_resumes_without_recomputing(tmp_pa
 
         monkeypatch.setattr(cache_mod.os, "pwrite", failing)
         try:
-            compact(path, keep, record)
+            compact(path, keep, record, **options)
         finally:
             monkeypatch.setattr(cache_mod.os, "pwrite", real_pwrite)
 
