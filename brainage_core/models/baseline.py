@@ -19,14 +19,15 @@ Two solvers compute the same fit (:data:`RIDGE_SOLVERS`):
     eigendecomposition gives the leave-one-out error of every penalty at once, as
     RidgeCV does. With float32 products the near-tied errors of small penalties (a
     nearly interpolating fit) were off by 1e-5 relative and picked another penalty than
-    RidgeCV; in float64 they agree within 1e-7. At 1 mm (~10,000 training subjects,
+    RidgeCV; in float64 they agree within 1e-6. At 1 mm (~10,000 training subjects,
     ~250,000 voxels at factor 2) the sklearn path holds the features in float64 on the
     CPU (about 20 GB, plus the scaled copy); the torch path holds the 10,000 x 10,000
     Gram matrix (0.8 GB) and one block of voxels on the GPU.
 
-``solver="auto"`` uses torch on a CUDA device and scikit-learn elsewhere: on 2 CPU cores
-(under load) torch took 1.2x scikit-learn's time (700 x 4,000 and 2,000 x 30,000
-features), so scikit-learn stays the CPU default. Not yet timed on a GPU.
+``solver="auto"`` uses torch on a CUDA device and scikit-learn elsewhere: on 2 busy CPU
+cores torch took 1.0-1.5x scikit-learn's time (700 x 4,000 and 2,000 x 30,000 features,
+``python -m brainage_core.bench.ridge``), so scikit-learn stays the CPU default. Not yet
+timed on a GPU.
 """
 
 from __future__ import annotations
@@ -284,10 +285,13 @@ def fit_torch_ridge(
         for cols in blocks:
             z = standardised(cols)
             gram += z @ z.T
+        # The constant vector is an eigenvector (centred features): the unpenalised
+        # intercept's direction, already in the 1/n of the leverage, so it is dropped
+        # below. Adding 1 to every entry moves its eigenvalue from 0 to n, as RidgeCV does;
+        # left at 0 it made LAPACK's eigh 4-100x slower on the CPU (denormal numbers).
+        gram += 1.0
         w, q = torch.linalg.eigh(gram)
         del gram
-        # the constant vector is an eigenvector of eigenvalue 0 (centred features): it is
-        # the unpenalised intercept's direction, already in the 1/n of the leverage
         intercept_dim = int(torch.argmax((q.sum(0) / math.sqrt(n)).abs()))
         proj = q.T @ yc  # the centred ages in the eigenbasis
         proj[intercept_dim] = 0.0
