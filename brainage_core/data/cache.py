@@ -25,11 +25,13 @@ The work happens in ``<key>.partial/`` and is moved to ``<key>/`` by :func:`os.r
 only once complete, so an interrupted preparation leaves nothing a later run trusts; a
 later run with the same inputs resumes from the subjects recorded in ``done.tsv``.
 
-Each image is written once into its row of ``<key>.partial/images.npy``. When subjects
-are skipped (``on_error="skip"``), the kept rows are then moved up in place
-(:func:`compact_in_place`, resumable through ``compact.json``): only the rows after the
-first skipped subject move, and the array is never copied whole (about 100 GB for
-10,000 subjects at 1 mm).
+Each kept image is written once, into its final row of ``<key>.partial/images.npy``
+(the number of kept images before it), so a skipped subject (``on_error="skip"``) costs
+no rewrite of the array (about 100 GB for 10,000 subjects at 1 mm): the publication
+only truncates the file to the kept rows (:func:`set_row_count`). An unfinished
+preparation left by an earlier version (one slot per manifest row) is finished as it
+was started and its kept rows are moved up in place (:func:`compact_in_place`,
+resumable through ``compact.json``).
 
 Reliability: a killed preparation (SIGKILL included) leaves no worker behind and no lock
 that blocks the next one (:mod:`brainage_core._utils.workers`, :mod:`brainage_core._utils.locks`);
@@ -49,7 +51,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -101,6 +103,7 @@ __all__ = [
     "file_lock",
     "prepare_cohort",
     "prepare_shard",
+    "set_row_count",
     "shard_folder",
 ]
 
@@ -465,8 +468,15 @@ def _compute_images(
 ) -> dict[int, str | None]:
     """Fill ``partial/images.npy``; return {index: None (done) or skip reason}.
 
-    With ``positions``, only those manifest rows are prepared, into slots ``0..`` of the
-    file (and the indices returned are those slots).
+    Unsharded (``positions`` None), each kept image is written once into its final row:
+    the number of kept images before it (layout ``"final-rows"`` in ``partial.json``).
+    That number is known once every earlier image is done, so images finished out of
+    order wait in memory (at most about twice the workers' window) and the done-record
+    grows in manifest order; the file keeps its full size until the publication
+    truncates it. With ``positions``, only those manifest rows are prepared, each into
+    its own slot ``0..`` of the file (layout ``"slots"``; the indices returned are those
+    slots), and so does an unfinished preparation of an earlier version (its kept rows
+    are compacted at the publication, :func:`compact_in_place`).
     """
     if positions is not None:
         manifest = manifest.iloc[list(positions)].reset_index(drop=True)
@@ -474,44 +484,66 @@ def _compute_images(
     shape = (n, *template.shape)
     partial.mkdir(parents=True, exist_ok=True)
     _clean_partial(partial, keep=(*_PARTIAL_FILES, _SHARD_DONE))
-    if not (partial / "partial.json").is_file():
-        write_json(
-            partial / "partial.json",
-            {
-                "source_root": params["source"].get("source_root"),
-                "resolution": params["resolution"],
-            },
-        )
     images_path = partial / "images.npy"
     done_path = partial / "done.tsv"
-    if (partial / _COMPACT).is_file():
-        # every image was computed and the array is being compacted: _publish resumes it
-        records = _read_done(done_path, n)
-        if len(records) == n:
-            return records
-    (partial / _COMPACT).unlink(missing_ok=True)
-    writer = ImageFileWriter.resume(images_path, shape)
-    records = _read_done(done_path, n) if writer is not None else {}
-    if writer is None:
+    records = _read_done(done_path, n)
+    if len(records) == n:  # every image is in place: only the publication is left
+        return records
+    info_path = partial / "partial.json"
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        info = None
+    writer = ImageFileWriter.resume(images_path, shape) if isinstance(info, dict) else None
+    if writer is None:  # a new (or unusable) partial
+        info = {"source_root": params["source"].get("source_root"),
+                "resolution": params["resolution"],
+                "layout": "slots" if positions is not None else "final-rows"}
         done_path.unlink(missing_ok=True)
+        (partial / _COMPACT).unlink(missing_ok=True)
+        records = {}
         writer = ImageFileWriter.create(images_path, shape)
+        write_json(info_path, info)
+    final_rows = info.get("layout") == "final-rows"
 
     todo = [i for i in range(n) if i not in records]
     paths = manifest["path"].tolist()
     ids = manifest["participant_id"].tolist()
-    pending: list[tuple[int, str | None]] = []
+    pending: list[tuple[int, str | None, int | None]] = []
+    # the next image to place, and its row: every image before it is recorded
+    frontier = next((i for i in range(n) if i not in records), n)
+    next_row = sum(1 for i in range(frontier) if records[i] is None)
+    waiting: dict[int, tuple[np.ndarray | None, str | None]] = {}
 
     def flush() -> None:
         if pending:
             writer.flush()
             with open(done_path, "a", encoding="utf-8") as fh:
-                for i, reason in pending:
-                    fh.write(f"{i}\t{'' if reason is None else reason}\n")
+                for i, reason, row in pending:
+                    fh.write(f"{i}\t{'' if reason is None else reason}\t"
+                             f"{'' if row is None else row}\n")
                 fh.flush()
                 os.fsync(fh.fileno())
-            for i, reason in pending:
+            for i, reason, _ in pending:
                 records[i] = reason
             pending.clear()
+
+    def place(i: int, array: np.ndarray | None, reason: str | None) -> None:
+        nonlocal frontier, next_row
+        waiting[i] = (array, reason)
+        while frontier in waiting or (frontier < n and frontier in records):
+            if frontier in records:  # recorded by an earlier run (slots layout)
+                frontier += 1
+                continue
+            array, reason = waiting.pop(frontier)
+            if reason is None:
+                row = next_row if final_rows else frontier
+                writer.write(row, array)
+                pending.append((frontier, None, row))
+                next_row += 1
+            else:
+                pending.append((frontier, reason, None))
+            frontier += 1
 
     bar = tqdm(
         total=n,
@@ -521,7 +553,9 @@ def _compute_images(
         **({} if progress else {"disable": True}),  # else TQDM_DISABLE decides
     )
     register = "registration" in params["preprocessing"]
-    results = _iter_results(todo, paths, template.resolution, n_jobs, register)
+    window = 2 * n_jobs + 2
+    results = _iter_results(todo, paths, template.resolution, n_jobs, register,
+                            may_submit=lambda: len(waiting) < 2 * window)
     try:
         for i, array, error in results:
             if error is not None:
@@ -530,10 +564,9 @@ def _compute_images(
                     raise BrainAgeInputError(
                         f"participant {ids[i]!r}: {reason} ({skip_hint()})", where
                     )
-                pending.append((i, reason))
+                place(i, None, reason)
             else:
-                writer.write(i, array)
-                pending.append((i, None))
+                place(i, array, None)
             if len(pending) >= FLUSH_EVERY:
                 flush()
             bar.update(1)
@@ -546,9 +579,14 @@ def _compute_images(
 
 
 def _iter_results(
-    todo: list[int], paths: list[str], resolution: int, n_jobs: int, register: bool = False
+    todo: list[int], paths: list[str], resolution: int, n_jobs: int, register: bool = False,
+    *, may_submit: Callable[[], bool] = lambda: True,
 ) -> Iterator[tuple[int, np.ndarray | None, tuple[str, str] | None]]:
-    """Yield ``(index, float16 array or None, (reason, file) or None)`` as images finish."""
+    """Yield ``(index, float16 array or None, (reason, file) or None)`` as images finish.
+
+    With workers, at most ``2 * n_jobs + 2`` images are in flight, and a new one starts
+    only while ``may_submit()`` (the caller's memory for images finished out of order).
+    """
     if n_jobs == 1 or len(todo) < MIN_IMAGES_FOR_WORKERS:
         for i in todo:
             yield _prepare_one(i, paths[i], resolution, register)
@@ -560,19 +598,21 @@ def _iter_results(
     queue = iter(todo)
     with process_pool(min(n_jobs, len(todo))) as ex:
         running: set[cf.Future] = set()
+
+        def fill() -> None:
+            while len(running) < window and (not running or may_submit()):
+                nxt = next(queue, None)
+                if nxt is None:
+                    return
+                running.add(ex.submit(_prepare_one, nxt, paths[nxt], resolution, register))
+
         try:
-            for i in queue:
-                running.add(ex.submit(_prepare_one, i, paths[i], resolution, register))
-                if len(running) >= window:
-                    break
+            fill()
             while running:
                 finished, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                 for fut in finished:
                     yield fut.result()
-                    nxt = next(queue, None)
-                    if nxt is not None:
-                        running.add(
-                            ex.submit(_prepare_one, nxt, paths[nxt], resolution, register))
+                fill()
         finally:
             for fut in running:
                 fut.cancel()
@@ -606,7 +646,8 @@ def _publish(
 ) -> None:
     """Compact, write the table, splits and metadata, then move ``partial`` to ``final``.
 
-    With ``compacted``, ``partial/images.npy`` already holds only the kept subjects.
+    With ``compacted``, ``partial/images.npy`` already holds only the kept subjects;
+    otherwise it has a row per manifest row, in the layout ``partial.json`` names.
     """
     n = len(manifest)
     ok = np.array([records.get(i, "not processed") is None for i in range(n)])
@@ -629,8 +670,11 @@ def _publish(
             params["source"].get("source_root"),
         )
     images_path = partial / "images.npy"
-    if not ok.all() and not compacted:  # drop the skipped slots, in place
-        compact_in_place(images_path, ok, partial / _COMPACT, progress=progress)
+    if not compacted:
+        if _layout(partial) == "final-rows":  # the kept images fill the first rows
+            set_row_count(images_path, int(ok.sum()))
+        elif not ok.all():  # drop the skipped slots, in place
+            compact_in_place(images_path, ok, partial / _COMPACT, progress=progress)
 
     table = manifest.loc[ok].reset_index(drop=True).copy()
     # rows of one subject (sessions, runs) share a split
@@ -658,7 +702,8 @@ def _publish(
         "seed": params["seed"],
     }
     write_json(partial / "metadata.json", metadata)
-    (partial / "partial.json").unlink(missing_ok=True)
+    # the done-record first: without it a later run never trusts this folder's images
+    (partial / "done.tsv").unlink(missing_ok=True)
     _clean_partial(partial, keep=("images.npy", "table.tsv", "skipped.tsv", "mask.npy",
                                   "metadata.json"))
     if final.exists():  # a stale, incomplete folder (no metadata.json): replace it
@@ -718,13 +763,6 @@ def compact_in_place(path: Path, keep: np.ndarray, record: Path, *,
         raise BrainAgeInputError(
             f"images.npy holds {tuple(file_shape)} rows; {n} expected and no compaction "
             "record: prepare the cohort again", path)
-    header = io.BytesIO()
-    write_header = (np.lib.format.write_array_header_1_0 if version == (1, 0)
-                    else np.lib.format.write_array_header_2_0)
-    write_header(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                          "fortran_order": bool(fortran), "shape": (n_kept, *row_shape)})
-    if len(header.getvalue()) != offset:  # cannot happen with numpy's padded headers
-        raise BrainAgeInputError("the compacted array's header would change length", path)
     fd = os.open(path, os.O_RDWR)
     j = int(state["moved"])
     bar = tqdm(total=n_kept, initial=j, desc="compact (skipped subjects)", unit="img",
@@ -740,12 +778,50 @@ def compact_in_place(path: Path, keep: np.ndarray, record: Path, *,
             bar.update(end - j)
             j = end
             write_json(record, {**state, "moved": j})
-        os.pwrite(fd, header.getvalue(), 0)
-        os.ftruncate(fd, offset + n_kept * row_bytes)
-        os.fsync(fd)
     finally:
         os.close(fd)
         bar.close()
+    set_row_count(path, n_kept)
+
+
+def set_row_count(path: Path, n_rows: int) -> None:
+    """Keep the first ``n_rows`` rows of a ``.npy`` file: rewrite its header, truncate it.
+
+    numpy pads a header so that the length of the first axis can change without changing
+    the header's length; the result is byte for byte the file written with ``n_rows``
+    rows from the start. Calling it again changes nothing.
+    """
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        file_shape, fortran, dtype = read(fh)
+        offset = fh.tell()
+    row_shape = tuple(int(s) for s in file_shape[1:])
+    row_bytes = int(np.prod(row_shape)) * np.dtype(dtype).itemsize
+    header = io.BytesIO()
+    write_header = (np.lib.format.write_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.write_array_header_2_0)
+    write_header(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                          "fortran_order": bool(fortran), "shape": (int(n_rows), *row_shape)})
+    if len(header.getvalue()) != offset:  # cannot happen with numpy's padded headers
+        raise BrainAgeInputError("the array's header would change length", path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, header.getvalue(), 0)
+        os.ftruncate(fd, offset + int(n_rows) * row_bytes)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _layout(partial: Path) -> str:
+    """How an unfinished preparation placed its images: "final-rows" or "slots"."""
+    try:
+        info = json.loads((partial / "partial.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        info = None
+    return str(info.get("layout", "slots")) if isinstance(info, dict) else "slots"
 
 
 class ImageFileWriter:
@@ -836,7 +912,8 @@ def _read_done(path: Path, n: int) -> dict[int, str | None]:
     if not path.is_file():
         return records
     for line in path.read_text(encoding="utf-8").splitlines():
-        idx, _, reason = line.partition("\t")
+        idx, _, rest = line.partition("\t")
+        reason = rest.partition("\t")[0]  # then the row the image went to, if kept
         if idx.isdigit() and int(idx) < n:
             records[int(idx)] = reason or None
     return records

@@ -1,7 +1,9 @@
-"""A skipped subject never rewrites the whole array: in-place, resumable compaction (issue 16)."""
+"""A skipped subject never rewrites the array: each image written once into its final row
+(issue 16); an earlier version's unfinished partial is compacted in place, resumably."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -90,38 +92,95 @@ def test_a_compaction_cut_at_any_write_resumes_to_the_same_file(images, tmp_path
     assert n_writes == int(keep.sum()) - 1 + 1
 
 
+def _kept_images(root: Path, n: int, skipped: set[int]) -> np.ndarray:
+    return np.stack([cache_mod._prepare_one(i, str(t1w_path(root, f"sub-{i + 1:02d}")), RES)[1]
+                     for i in range(n) if i not in skipped])
+
+
 def test_prepare_with_a_skipped_subject_writes_each_image_once(tmp_path, monkeypatch):
     root = make_bids(tmp_path / "ds", n=6)
-    truncate_gzip(t1w_path(root, "sub-02"))  # skipped: every later subject moves up
+    truncate_gzip(t1w_path(root, "sub-02"))  # skipped: every later subject moves up a row
+    expected = _array_file(tmp_path / "expected.npy", _kept_images(root, 6, {1}))
     created: list[str] = []
+    writes: list[int] = []
     create = cache_mod.ImageFileWriter.create.__func__
+    write = cache_mod.ImageFileWriter.write
 
-    def spy(cls, path, shape):
+    def spy_create(cls, path, shape):
         created.append(Path(path).name)
         return create(cls, path, shape)
 
-    monkeypatch.setattr(cache_mod.ImageFileWriter, "create", classmethod(spy))
+    def spy_write(self, index, array):
+        writes.append(index)
+        return write(self, index, array)
+
+    monkeypatch.setattr(cache_mod.ImageFileWriter, "create", classmethod(spy_create))
+    monkeypatch.setattr(cache_mod.ImageFileWriter, "write", spy_write)
+    monkeypatch.setattr(cache_mod, "compact_in_place", None)  # must not be needed
     cohort = cache_mod.prepare_cohort(load_bids(root), tmp_path / "cache", resolution=RES,
                                       on_error="skip", n_jobs=1, progress=False)
-    assert created == ["images.npy"]  # no second, compacted copy of the array
+    assert created == ["images.npy"] and writes == [0, 1, 2, 3, 4]  # once, in final rows
     assert list(cohort.skipped["participant_id"]) == ["sub-02"]
-    # the cache holds what the kept subjects' preprocessing gives, as a file written once
-    template = load_template(RES)
-    kept = [cache_mod._prepare_one(i, str(t1w_path(root, f"sub-0{i + 1}")), RES)[1]
-            for i in (0, 2, 3, 4, 5)]
-    monkeypatch.undo()
-    expected = _array_file(tmp_path / "expected.npy", np.stack(kept))
     assert (cohort.root / "images.npy").read_bytes() == expected
-    assert cohort.images.shape == (5, *template.shape)
+    assert cohort.images.shape == (5, *load_template(RES).shape)
     assert sorted(p.name for p in cohort.root.iterdir()) == [
         "images.npy", "mask.npy", "metadata.json", "skipped.tsv", "table.tsv"]
 
 
-def test_prepare_killed_during_the_compaction_resumes_without_recomputing(tmp_path, monkeypatch):
+def test_workers_finishing_out_of_order_give_the_same_cache(tmp_path, monkeypatch):
+    # 2 workers finish images out of order; each waits for the images before it to find
+    # its row. An interruption in the middle resumes to the same bytes.
+    n = cache_mod.MIN_IMAGES_FOR_WORKERS + 4
+    root = make_bids(tmp_path / "ds", n=n)
+    for pid in ("sub-03", "sub-07"):
+        truncate_gzip(t1w_path(root, pid))
+    kw = {"resolution": RES, "on_error": "skip", "progress": False}
+    one = cache_mod.prepare_cohort(load_bids(root), tmp_path / "one", n_jobs=1, **kw)
+    two = cache_mod.prepare_cohort(load_bids(root), tmp_path / "two", n_jobs=2, **kw)
+    assert (one.root / "images.npy").read_bytes() == (two.root / "images.npy").read_bytes()
+    assert one.table.equals(two.table)
+
+    out = tmp_path / "cut"
+    prepare_one = cache_mod._prepare_one
+    calls = [0]
+
+    def interrupted(i, *args):
+        calls[0] += 1
+        if calls[0] == 6:
+            raise KeyboardInterrupt
+        return prepare_one(i, *args)
+
+    monkeypatch.setattr(cache_mod, "_prepare_one", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cache_mod.prepare_cohort(load_bids(root), out, n_jobs=1, **kw)
+    monkeypatch.setattr(cache_mod, "_prepare_one", prepare_one)
+    done = next(out.glob("*.partial")) / "done.tsv"
+    assert [line.split("\t")[0] for line in done.read_text().splitlines()] == [
+        "0", "1", "2", "3", "4"]  # recorded in manifest order; sub-03 skipped, no row
+    resumed = cache_mod.prepare_cohort(load_bids(root), out, n_jobs=1, **kw)
+    assert (resumed.root / "images.npy").read_bytes() == (one.root / "images.npy").read_bytes()
+
+
+def test_an_earlier_versions_partial_is_compacted_and_resumes(tmp_path, monkeypatch):
+    # An unfinished preparation of the earlier layout (one slot per manifest row) is
+    # finished as it was started; its kept rows move up in place, and a compaction cut
+    # in the middle resumes.
     root = make_bids(tmp_path / "ds", n=6)
     truncate_gzip(t1w_path(root, "sub-03"))
     kw = {"resolution": RES, "on_error": "skip", "n_jobs": 1, "progress": False}
     whole = cache_mod.prepare_cohort(load_bids(root), tmp_path / "whole", **kw)
+    out = tmp_path / "cache"
+    clean, _, params, key = cache_mod._resolve(
+        load_bids(root), resolution=RES, on_error="skip", split_fractions=(0.7, 0.15, 0.15),
+        seed=0, metadata=None, age_range=(0, 120))
+    partial = out / f"{key}.partial"
+    cache_mod._compute_images(clean, partial, load_template(RES), params=params,
+                              on_error="skip", n_jobs=1, progress=False,
+                              positions=range(len(clean)))  # the slot layout
+    info = json.loads((partial / "partial.json").read_text())
+    assert info["layout"] == "slots"
+    del info["layout"]  # as the earlier version wrote it
+    (partial / "partial.json").write_text(json.dumps(info))
     monkeypatch.setattr(cache_mod, "COMPACT_BATCH", 1)
     compact = cache_mod.compact_in_place
     real_pwrite = cache_mod.os.pwrite
@@ -142,10 +201,8 @@ def test_prepare_killed_during_the_compaction_resumes_without_recomputing(tmp_pa
             monkeypatch.setattr(cache_mod.os, "pwrite", real_pwrite)
 
     monkeypatch.setattr(cache_mod, "compact_in_place", cut_compaction)
-    out = tmp_path / "cache"
     with pytest.raises(Cut):
         cache_mod.prepare_cohort(load_bids(root), out, **kw)
-    partial = next(out.glob("*.partial"))
     assert (partial / "compact.json").is_file()
     monkeypatch.setattr(cache_mod, "compact_in_place", compact)
     computed: list[int] = []
