@@ -185,6 +185,15 @@ def broadcast_float(value: float, ctx: DistContext) -> float:
     return float(t.item())
 
 
+def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
+    """Sums of ``values`` over every process (the values themselves in one process)."""
+    if not ctx.distributed:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device(ctx))
+    dist.all_reduce(t)
+    return [float(v) for v in t.tolist()]
+
+
 def shard_positions(n: int, ctx: DistContext) -> range:
     """Positions ``rank, rank + world, ...`` of ``n`` items that this process handles."""
     return range(ctx.rank, n, ctx.world_size)

@@ -42,6 +42,7 @@ from brainage_core.models.batchnorm import recalibrate_batchnorm
 from brainage_core.models.cnn import HEADS, NORMS, POOLS, BrainAgeCNN
 from brainage_core.models.distributed import (
     DistContext,
+    all_reduce_sum,
     amp_dtype,
     barrier,
     broadcast_float,
@@ -646,6 +647,9 @@ class _Trainer:
                             refresh=False)
             bar.update(1)
         train_seconds = time.perf_counter() - t0
+        if self.ctx.distributed:  # the epoch's loss over every process's subjects
+            sums = all_reduce_sum([total, float(count)], self.ctx)
+            total, count = sums[0], int(round(sums[1]))
         t1 = time.perf_counter()
         if cfg.batchnorm_recalibration:
             recalibrate_batchnorm(self.model, self.train_data,
@@ -674,7 +678,7 @@ class _Trainer:
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             "train_seconds": train_seconds,
             "val_seconds": val_seconds,
-            "subjects_per_second": count * self.ctx.world_size / max(train_seconds, 1e-9),
+            "subjects_per_second": count / max(train_seconds, 1e-9),
             "processes": self.ctx.world_size,
             "global_batch_size": self.global_batch,
         })

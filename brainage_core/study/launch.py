@@ -14,6 +14,9 @@ or as one of the processes started by ``torchrun`` (``python -m torch.distribute
     (:func:`~brainage_core.study.explain.write_subject_maps` with
     ``shard=(rank, world_size)``).
 
+``brainage-study predict --nproc N`` runs its own command under ``torchrun`` the same
+way (:func:`torchrun_command`), each process predicting a shard of the new subjects.
+
 The notebooks stay the record: notebook 02 calls ``launch_step("train", run_dir)`` and
 notebook 03 ``launch_step("noise", ...)`` and ``launch_step("maps", ...)`` before their
 own calls, which then find the finished checkpoints and maps and only load them, evaluate
