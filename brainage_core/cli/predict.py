@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 from pathlib import Path
 
+from brainage_core._utils.validation import BrainAgeInputError, check_positive
 from brainage_core.data.qc import QC_POLICIES
 from brainage_core.data.sources.bids import load_bids
 from brainage_core.data.sources.csv import load_csv
 from brainage_core.data.template import SUPPORTED_RESOLUTIONS
+from brainage_core.models.distributed import barrier, init_distributed
+from brainage_core.study.launch import torchrun_command, torchrun_env
 from brainage_core.study.predict import predict_subjects, qc_summary
 
 DESCRIPTION = """\
@@ -35,6 +40,13 @@ examples:
 A CSV needs the columns participant_id and path (absolute, or relative to the CSV); age
 is optional (no MAE without it). --qc: warn (default) predicts and flags a subject that
 fails QC, skip flags it without a prediction, raise stops at the first one.
+
+Many subjects: --nproc N runs N processes of torchrun (one per GPU; gloo on the CPU),
+each predicting every N-th subject; rank 0 writes the one table. On a cluster, launch
+the same command under torchrun yourself:
+  torchrun --nnodes 2 --nproc_per_node 4 --rdzv_backend c10d \
+      --rdzv_endpoint $HEAD_NODE:29500 --rdzv_id $SLURM_JOB_ID \
+      -m brainage_core.cli predict --run-dir runs/paper --bids /data/new --out p/
 """
 
 
@@ -68,6 +80,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--register", action="store_true",
                         help="register each image affinely to the MNI template first (raw "
                         "T1 images); default: what the run's training images went through")
+    parser.add_argument("--device", default="auto",
+                        help="auto (default: the GPU of each process when there is one), "
+                        "cpu, cuda or cuda:N")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="processes of torchrun on this node, each predicting every N-th "
+                        "subject (default: 1, this process)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run, spelling={})
     return parser
@@ -75,6 +93,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Predict, print the summary; return the exit code."""
+    check_positive("--nproc", args.nproc, integer=True)
+    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return _launch(args)
+    ctx = init_distributed(args.device)
+    if not ctx.is_main:  # rank 0 builds the BIDS index; the others then read it
+        barrier(ctx)
     if args.bids:
         manifest = load_bids(args.bids, session=args.session,
                              database_dir=Path(args.out) / ".bids_index", require_age=False)
@@ -82,10 +106,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         manifest = load_csv(args.csv, require_age=False)
         source = args.csv
+    if ctx.is_main:
+        barrier(ctx)
     result = predict_subjects(args.run_dir, manifest, args.out, maps=args.maps, qc=args.qc,
                               resolution=args.resolution, source=str(source),
                               register=True if args.register else None,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, device=args.device)
+    if not ctx.is_main:
+        return 0
     m = result.metrics
     print(f"predicted {m['n_predicted']} of {m['n']} subject(s): {result.out / 'predictions.tsv'}")
     if m.get("mae") is not None:
@@ -103,3 +131,25 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"  QC: every subject passed; see {result.out / 'qc.html'}")
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Run this command as ``--nproc`` processes of ``torchrun``; they print the summary."""
+    if args.bids:  # build the BIDS index once, before the processes read it
+        load_bids(args.bids, session=args.session, database_dir=Path(args.out) / ".bids_index",
+                  require_age=False)
+    argv = ["predict", "--run-dir", str(args.run_dir),
+            *(["--bids", str(args.bids), "--session", str(args.session)] if args.bids
+              else ["--csv", str(args.csv)]),
+            "--out", str(args.out), "--qc", args.qc, "--device", args.device,
+            *(["--resolution", str(args.resolution)] if args.resolution is not None else []),
+            *(["--maps"] if args.maps else []), *(["--register"] if args.register else []),
+            *(["--no-progress"] if args.no_progress else [])]
+    done = subprocess.run(torchrun_command(args.nproc, ["brainage_core.cli", *argv]),
+                          env=torchrun_env(), check=False)
+    if done.returncode != 0:
+        raise BrainAgeInputError(
+            f"the {args.nproc} processes of torchrun stopped with status {done.returncode}; "
+            "their messages are above (run the same command again to resume)", args.out)
+    return 0
+

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from brainage_core._utils.validation import check_positive
 
@@ -39,6 +39,7 @@ def recalibrate_batchnorm(
     batch_size: int = 16,
     device: torch.device | str = "cpu",
     channels_last: bool = False,
+    num_workers: int = 0,
 ) -> int:
     """Re-estimate every BatchNorm layer's running statistics on training images.
 
@@ -62,6 +63,9 @@ def recalibrate_batchnorm(
         Where the forward passes run.
     channels_last : bool, default=False
         Use the ``channels_last_3d`` memory format for the inputs.
+    num_workers : int, default=0
+        DataLoader worker processes reading the images (pinned memory on CUDA); the
+        batches, and so the statistics, are the same whatever the number.
 
     Returns
     -------
@@ -81,9 +85,11 @@ def recalibrate_batchnorm(
         layer.momentum = None  # cumulative moving average: every batch weighs the same
     model.train()
     try:
-        for start in range(0, n, batch_size):
-            x = torch.stack([data[i][0] for i in range(start, min(start + batch_size, n))])
-            x = x.to(device)
+        device = torch.device(device)
+        loader = DataLoader(Subset(data, range(n)), batch_size=batch_size, shuffle=False,
+                            num_workers=num_workers, pin_memory=device.type == "cuda")
+        for x, *_ in loader:
+            x = x.to(device, non_blocking=True)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
             model(x)

@@ -72,6 +72,66 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+#: The most DataLoader workers ``num_workers: auto`` starts per process.
+MAX_AUTO_WORKERS = 8
+
+
+def check_num_workers(name: str, value: Any) -> int | str:
+    """Check a ``num_workers`` setting: ``"auto"`` or a non-negative integer."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise BrainAgeInputError(
+            f"'{name}' must be 'auto' or a non-negative integer; {value!r} was provided."
+        )
+    return int(value)
+
+
+def resolve_num_workers(
+    setting: int | str,
+    device: torch.device | str,
+    *,
+    cpu_count: int | None = None,
+    local_world_size: int | None = None,
+) -> int:
+    """DataLoader worker processes for ``setting`` (an integer is taken as it is).
+
+    ``"auto"`` gives 0 on the CPU: there the workers only take cores from the computation
+    (on 2 cores they cost, they never pay). On CUDA, where the main process mostly waits
+    for the GPU while the volumes are read, converted from float16 to float32 and batched,
+    it gives ``min(8, cpus per local process - 1)``: the cores this process may use
+    (its CPU affinity), shared with the other ``torchrun`` processes of the node
+    (``LOCAL_WORLD_SIZE``), one left for the process itself.
+
+    Parameters
+    ----------
+    setting : int or "auto"
+        The configured value.
+    device : torch.device or str
+        The device the batches go to.
+    cpu_count : int or None, default=None
+        Usable cores of the node (None: ``os.sched_getaffinity`` or ``os.cpu_count``).
+    local_world_size : int or None, default=None
+        Processes of the job on this node (None: ``LOCAL_WORLD_SIZE``, else 1).
+
+    Returns
+    -------
+    int
+    """
+    setting = check_num_workers("num_workers", setting)
+    if setting != "auto":
+        return int(setting)
+    if torch.device(device).type != "cuda":
+        return 0
+    if cpu_count is None:
+        cpu_count = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                     else os.cpu_count() or 1)
+    if local_world_size is None:
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    per_process = int(cpu_count) // max(int(local_world_size), 1)
+    return max(0, min(MAX_AUTO_WORKERS, per_process - 1))
+
+
 def amp_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
     """The autocast dtype for ``device``: None (full precision) on the CPU or if disabled.
 
@@ -123,6 +183,15 @@ def broadcast_float(value: float, ctx: DistContext) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device(ctx))
     dist.broadcast(t, src=0)
     return float(t.item())
+
+
+def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
+    """Sums of ``values`` over every process (the values themselves in one process)."""
+    if not ctx.distributed:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device(ctx))
+    dist.all_reduce(t)
+    return [float(v) for v in t.tolist()]
 
 
 def shard_positions(n: int, ctx: DistContext) -> range:

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from brainage_core._utils.validation import BrainAgeInputError
 from brainage_core.data.datasets import CohortDataset
 from brainage_core.data.protocol import Cohort
+from brainage_core.models.distributed import resolve_num_workers
 
 #: A predictor "learned" if its validation MAE is below this fraction of the MAE of
 #: predicting the training mean age.
@@ -57,7 +58,7 @@ def predict(
     device: str | torch.device | None = None,
     channels_last: bool = False,
     amp_dtype: torch.dtype | None = None,
-    num_workers: int = 0,
+    num_workers: int | str = 0,
 ) -> np.ndarray:
     """Predict ages (years) for every item of a dataset or every subject of a cohort.
 
@@ -78,9 +79,10 @@ def predict(
         Feed inputs in the ``channels_last_3d`` memory format.
     amp_dtype : torch.dtype or None, default=None
         Autocast dtype on CUDA (None: full precision). Outputs are cast to float32.
-    num_workers : int, default=0
-        DataLoader worker processes reading (and converting) the volumes; on CUDA the
-        batches go through pinned memory.
+    num_workers : int or "auto", default=0
+        DataLoader worker processes reading the volumes, converting them to float32 and
+        batching them; on CUDA the batches go through pinned memory. ``"auto"``: none on
+        the CPU, some on CUDA (:func:`~brainage_core.models.distributed.resolve_num_workers`).
 
     Returns
     -------
@@ -94,6 +96,7 @@ def predict(
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
+    num_workers = resolve_num_workers(num_workers, device)
     was_training = model.training
     model.eval()
     out = []

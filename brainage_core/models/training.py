@@ -37,15 +37,19 @@ from brainage_core._utils.validation import (
 )
 from brainage_core.data.datasets import SPLITS, Augmentation, CohortDataset
 from brainage_core.data.protocol import Cohort
+from brainage_core.models.baseline import RIDGE_SOLVERS
 from brainage_core.models.batchnorm import recalibrate_batchnorm
 from brainage_core.models.cnn import HEADS, NORMS, POOLS, BrainAgeCNN
 from brainage_core.models.distributed import (
     DistContext,
+    all_reduce_sum,
     amp_dtype,
     barrier,
     broadcast_float,
+    check_num_workers,
     gather_shards,
     init_distributed,
+    resolve_num_workers,
     shard_positions,
 )
 from brainage_core.models.evaluation import predict
@@ -57,7 +61,7 @@ CHECKPOINT_FORMAT = "brainage-predictor/1"
 #: Settings that change how fast a run goes but not what it computes; a checkpoint may be
 #: resumed with other values for these.
 RUNTIME_KEYS = ("device", "amp", "num_threads", "num_workers", "preload", "channels_last",
-                "eval_batch_size", "batch_scope", "sync_batchnorm")
+                "eval_batch_size", "batch_scope", "sync_batchnorm", "baseline_solver")
 
 #: What ``batch_size`` counts under ``torchrun``.
 BATCH_SCOPES = ("global", "per_process")
@@ -163,8 +167,16 @@ class TrainConfig:
         Torch CPU threads during training (None: leave torch's setting, one per core).
         2 threads train 1.6x faster than 1 on an idle 2-core machine, but slower than 1
         when other processes compete for the cores.
-    num_workers : int, default=0
-        DataLoader worker processes (0 loads in the training process).
+    num_workers : int or "auto", default="auto"
+        DataLoader worker processes of training, validation and the BatchNorm
+        re-estimation; they read each subject from the float16 memmap, convert it to
+        float32, augment it and build the batches while the model computes (0: all of
+        that in the training process). ``"auto"``
+        (:func:`~brainage_core.models.distributed.resolve_num_workers`): 0 on the CPU,
+        where workers only take cores from the computation, and
+        ``min(8, cpus per local process - 1)`` on CUDA, with pinned memory. The
+        number of workers never changes the result (augmentations are seeded per subject
+        and epoch).
     preload : bool, default=False
         Convert the training and validation volumes to float32 in memory once, instead
         of reading the float16 memmap each epoch. Measured on 2 CPU cores at 4 mm
@@ -179,6 +191,10 @@ class TrainConfig:
     baseline_downsample : int, default=2
         Downsampling factor of the ridge baseline's voxels
         (:func:`brainage_core.models.baseline.fit_ridge_baseline`).
+    baseline_solver : {"auto", "sklearn", "torch"}, default="auto"
+        Solver of the ridge baseline: "auto" fits it with torch on the predictor's device
+        when that is a GPU, with scikit-learn (float64, CPU) otherwise; both choose the
+        same penalty by leave-one-out (:mod:`brainage_core.models.baseline`).
     """
 
     architecture: str = "cnn"
@@ -205,12 +221,13 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     num_threads: int | None = None
-    num_workers: int = 0
+    num_workers: int | str = "auto"
     preload: bool = False
     channels_last: bool = True
     sync_batchnorm: bool = True
     eval_batch_size: int = 32
     baseline_downsample: int = 2
+    baseline_solver: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("architecture", self.architecture, tuple(ARCHITECTURES))
@@ -220,6 +237,7 @@ class TrainConfig:
         check_choice("loss", self.loss, ("mae", "mse"))
         check_choice("schedule", self.schedule, ("cosine", "constant"))
         check_choice("batch_scope", self.batch_scope, BATCH_SCOPES)
+        check_choice("baseline_solver", self.baseline_solver, RIDGE_SOLVERS)
         if not isinstance(self.channels, (list, tuple)) or not self.channels or not all(
             isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in self.channels
         ):
@@ -241,7 +259,7 @@ class TrainConfig:
         check_positive("batchnorm_recalibration", self.batchnorm_recalibration, integer=True,
                        allow_zero=True)
         check_positive("warmup_epochs", self.warmup_epochs, allow_zero=True)
-        check_positive("num_workers", self.num_workers, integer=True, allow_zero=True)
+        self.num_workers = check_num_workers("num_workers", self.num_workers)
         if self.num_threads is not None:
             check_positive("num_threads", self.num_threads, integer=True)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -521,10 +539,11 @@ class _Trainer:
         self.global_batch = per_rank * ctx.world_size
         self.sampler = DistributedSampler(train_data, num_replicas=ctx.world_size,
                                           rank=ctx.rank, shuffle=True, seed=cfg.seed)
+        self.num_workers = resolve_num_workers(cfg.num_workers, self.device)
         self.loader = DataLoader(train_data, batch_size=per_rank, sampler=self.sampler,
-                                 num_workers=cfg.num_workers,
+                                 num_workers=self.num_workers,
                                  pin_memory=self.device.type == "cuda",
-                                 persistent_workers=cfg.num_workers > 0)
+                                 persistent_workers=self.num_workers > 0)
         self.steps_per_epoch = len(self.loader)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
@@ -568,7 +587,8 @@ class _Trainer:
         if self.progress and self.ctx.is_main and self.ctx.distributed:
             print(f"global batch {self.global_batch} = {self.per_rank_batch} per process x "
                   f"{self.ctx.world_size} processes on {self.device.type}"
-                  + (" (SyncBatchNorm)" if synced else ""), flush=True)
+                  + (" (SyncBatchNorm)" if synced else "")
+                  + f", {self.num_workers} loader worker(s) per process", flush=True)
         quiet = {} if self.progress and self.ctx.is_main else {"disable": True}
         bar = tqdm(total=self.cfg.epochs * self.steps_per_epoch,
                    initial=self.epoch * self.steps_per_epoch, unit="batch",
@@ -627,19 +647,23 @@ class _Trainer:
                             refresh=False)
             bar.update(1)
         train_seconds = time.perf_counter() - t0
+        if self.ctx.distributed:  # the epoch's loss over every process's subjects
+            sums = all_reduce_sum([total, float(count)], self.ctx)
+            total, count = sums[0], int(round(sums[1]))
         t1 = time.perf_counter()
         if cfg.batchnorm_recalibration:
             recalibrate_batchnorm(self.model, self.train_data,
                                   n_images=cfg.batchnorm_recalibration,
                                   batch_size=cfg.eval_batch_size, device=self.device,
-                                  channels_last=cfg.channels_last)
+                                  channels_last=cfg.channels_last,
+                                  num_workers=self.num_workers)
         # each process predicts its share of the validation set; the shares are gathered
         n_val = len(self.val_data)
         share = Subset(self.val_data, list(shard_positions(n_val, self.ctx)))
         preds = gather_shards(
             predict(self.model, share, batch_size=cfg.eval_batch_size, device=self.device,
                     channels_last=cfg.channels_last, amp_dtype=self.amp_dtype,
-                    num_workers=cfg.num_workers),
+                    num_workers=self.num_workers),
             n_val, self.ctx)
         val_ages = _ages_of(self.val_data)
         val_mae = broadcast_float(float(np.mean(np.abs(preds - val_ages))), self.ctx)
@@ -654,7 +678,7 @@ class _Trainer:
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             "train_seconds": train_seconds,
             "val_seconds": val_seconds,
-            "subjects_per_second": count * self.ctx.world_size / max(train_seconds, 1e-9),
+            "subjects_per_second": count / max(train_seconds, 1e-9),
             "processes": self.ctx.world_size,
             "global_batch_size": self.global_batch,
         })

@@ -14,6 +14,9 @@ or as one of the processes started by ``torchrun`` (``python -m torch.distribute
     (:func:`~brainage_core.study.explain.write_subject_maps` with
     ``shard=(rank, world_size)``).
 
+``brainage-study predict --nproc N`` runs its own command under ``torchrun`` the same
+way (:func:`torchrun_command`), each process predicting a shard of the new subjects.
+
 The notebooks stay the record: notebook 02 calls ``launch_step("train", run_dir)`` and
 notebook 03 ``launch_step("noise", ...)`` and ``launch_step("maps", ...)`` before their
 own calls, which then find the finished checkpoints and maps and only load them, evaluate
@@ -95,17 +98,36 @@ def launch_step(step: str, run_dir: str | os.PathLike,
     if n <= 1:
         return False
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={n}", "-m", "brainage_core.study.launch", step, str(run_dir),
-           "--overrides", json.dumps(overrides)]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        torchrun_command(n, ["brainage_core.study.launch", step, str(run_dir),
+                             "--overrides", json.dumps(overrides)]),
+        env=torchrun_env(), capture_output=True, text=True, check=False)
     if done.returncode != 0:
         tail = (done.stdout + done.stderr)[-3000:]
         raise BrainAgeInputError(f"torchrun of step '{step}' on {n} processes failed:\n{tail}",
                                  run_dir)
     print(f"{step}: {n} processes (torchrun)")
     return True
+
+
+def torchrun_command(processes: int, module_args: Sequence[str]) -> list[str]:
+    """``python -m torch.distributed.run --standalone --nproc_per_node=N -m MODULE ARGS``.
+
+    Parameters
+    ----------
+    processes : int
+        Processes on this node.
+    module_args : sequence of str
+        The module to run (``-m``) and its arguments.
+    """
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={int(processes)}", "-m", *module_args]
+
+
+def torchrun_env() -> dict[str, str]:
+    """The environment of ``torchrun``: this one, with one CPU thread per process unless
+    ``OMP_NUM_THREADS`` says otherwise."""
+    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
 
 def run_step(step: str, run_dir: str | os.PathLike, overrides: dict[str, Any] | None = None

@@ -24,6 +24,7 @@ from brainage_core.analysis.truth import GridTruth, truth_on_cohort_grid
 from brainage_core.explain.captum import CAPTUM_METHODS
 from brainage_core.explain.noise.settings import NoiseSettings
 from brainage_core.explain.noise.settings import field_names as noise_field_names
+from brainage_core.models.distributed import check_num_workers
 from brainage_core.study.rundir import RunDir
 
 #: Names of the methods in tables and in ``metrics.json``.
@@ -72,8 +73,11 @@ class MapsConfig:
     amp : bool, default=True
         Mixed precision when the noise model trains on a GPU (bfloat16 where native,
         float16 with a gradient scaler elsewhere); ignored on the CPU.
-    num_workers : int, default=0
-        DataLoader worker processes feeding the noise model's training.
+    num_workers : int or "auto", default="auto"
+        DataLoader worker processes feeding the noise model's training and validation
+        (reading, float16 -> float32 conversion and batching off the main process; pinned
+        memory on CUDA). ``"auto"``: 0 on the CPU, ``min(8, cpus per local process - 1)``
+        on CUDA (:func:`~brainage_core.models.distributed.resolve_num_workers`).
     calibrate : bool, default=False
         Pick lambda with
         :func:`brainage_core.explain.noise.calibration.calibrate_lambda` before training.
@@ -173,7 +177,7 @@ class MapsConfig:
     num_threads: int | None = None
     device: str = "auto"
     amp: bool = True
-    num_workers: int = 0
+    num_workers: int | str = "auto"
     calibrate: bool = False
     lambdas: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0, 10.0, 30.0])
     tolerance: float = 1.0
@@ -269,7 +273,7 @@ class MapsConfig:
                 f"'maps.device' must be 'auto', 'cpu' or 'cuda[:N]'; {self.device!r} was "
                 "provided."
             )
-        check_positive("maps.num_workers", self.num_workers, integer=True, allow_zero=True)
+        self.num_workers = check_num_workers("maps.num_workers", self.num_workers)
         for name in ("calibrate", "allow_untrained_predictor", "amp"):
             if not isinstance(getattr(self, name), bool):
                 raise BrainAgeInputError(

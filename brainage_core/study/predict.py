@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from brainage_core._utils.io import (
@@ -58,6 +59,7 @@ from brainage_core.data.qc import (
     search_pose_and_orientation,
 )
 from brainage_core.data.template import Template, load_template
+from brainage_core.models.distributed import barrier, init_distributed
 from brainage_core.models.evaluation import BiasCorrection, regression_metrics
 from brainage_core.models.ood import FeatureOOD, predict_with_features
 from brainage_core.plotting.qc import write_qc_page
@@ -215,7 +217,7 @@ class TrainedRun:
     template : Template
         The run's grid.
     model : torch.nn.Module
-        The predictor (eval mode, CPU).
+        The predictor (eval mode, on the device it was opened for).
     correction : BiasCorrection
         The bias correction fitted in the run.
     ood : FeatureOOD
@@ -239,7 +241,7 @@ class TrainedRun:
 
     @classmethod
     def open(cls, run_dir: str | os.PathLike, *, resolution: int | None = None,
-             maps: bool = False) -> TrainedRun:
+             maps: bool = False, device: str | torch.device = "cpu") -> TrainedRun:
         """Open a trained run, checking every file ``predict`` needs.
 
         Parameters
@@ -250,6 +252,8 @@ class TrainedRun:
             The grid the caller expects (mm); another grid than the run's is an error.
         maps : bool, default=False
             Also require the noise model (``predict --maps``).
+        device : str or torch.device, default="cpu"
+            Where the predictor (and the noise model) compute.
         """
         from brainage_core.models.training import load_predictor
 
@@ -296,7 +300,8 @@ class TrainedRun:
             raise BrainAgeInputError(
                 f"the run's grid {grid['shape']} differs from this code's "
                 f"{list(template.shape)} at {grid['resolution']} mm", run.index_path)
-        model = load_predictor(run.root / index["files"]["predictor"]["path"])
+        model = load_predictor(run.root / index["files"]["predictor"]["path"],
+                               map_location=device)
         with np.load(run.root / index["files"]["qc_reference"]["path"]) as arrays:
             stored = {k: arrays[k] for k in arrays.files}
         bias = index["bias_correction"]
@@ -385,8 +390,14 @@ def predict_subjects(
     register: bool | None = None,
     source: str = "manifest",
     progress: bool = True,
+    device: str = "auto",
 ) -> PredictResult:
     """Predict the brain age of new subjects with a trained run (see the module docstring).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1; ``brainage-study predict --nproc N``) each
+    process predicts (and maps) every ``N``-th subject, on the GPU of its ``LOCAL_RANK``
+    when there is one, and records them; then rank 0 alone writes the table, the
+    metrics and the QC page, which are those one process writes.
 
     Parameters
     ----------
@@ -416,10 +427,19 @@ def predict_subjects(
         Name of the manifest's source in error messages.
     progress : bool, default=True
         Show a progress bar (tqdm; silenced by ``TQDM_DISABLE=1``).
+    device : str, default="auto"
+        ``"auto"`` (the GPU of this process's ``LOCAL_RANK`` when CUDA is present, else
+        the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+
+    Returns
+    -------
+    PredictResult
+        In every process; ``seconds_per_subject`` and ``n_computed`` count all processes.
     """
     qc = check_qc_policy("qc", qc)
     thresholds = thresholds or QCThresholds()
-    trained = TrainedRun.open(run_dir, resolution=resolution, maps=maps)
+    ctx = init_distributed(device)
+    trained = TrainedRun.open(run_dir, resolution=resolution, maps=maps, device=ctx.device)
     manifest = check_predict_manifest(manifest, source)
     out = check_output_folder(out, "--out")
     records_dir = out / "subjects"
@@ -429,9 +449,11 @@ def predict_subjects(
     model_id = trained.index["files"]["predictor"]["sha256"]
     labels = image_labels(manifest)
     computed, seconds = 0, 0.0
-    bar = tqdm(total=len(manifest), desc="predict", unit="subject",
-               disable=None if progress else True)
-    for i, row in manifest.iterrows():
+    mine = range(ctx.rank, len(manifest), ctx.world_size)
+    bar = tqdm(total=len(mine), desc="predict", unit="subject",
+               disable=None if progress and ctx.is_main else True)
+    for i in mine:
+        row = manifest.iloc[i]
         label = labels[i]
         record_path = records_dir / f"{label}.json"
         map_path = out / "maps" / f"{label}_importance.nii.gz"
@@ -449,21 +471,27 @@ def predict_subjects(
         seconds += time.perf_counter() - start
         bar.update(1)
     bar.close()
+    if ctx.distributed:  # every process's records are written before rank 0 reads them
+        counts: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(counts, (computed, seconds))
+        computed, seconds = sum(c for c, _ in counts), sum(t for _, t in counts)
     table = _collect(manifest, labels, records_dir)
-    write_table(out / "predictions.tsv", table)
-    write_json(out / "bias_correction.json", {
-        **trained.index["bias_correction"],
-        "run": str(trained.run.root.resolve()),
-        "qc_thresholds": thresholds.to_dict(),
-        "qc_reference": {k: v for k, v in trained.reference.items()
-                         if k != "intensity_percentiles"},
-    })
     metrics = _metrics(table)
     metrics["seconds_per_subject"] = seconds / computed if computed else None
     metrics["n_computed"] = computed
-    write_json(out / "metrics.json", metrics)
-    write_qc_page(table, out, trained.template, title=f"QC of {len(table)} subjects "
-                  f"(run {trained.run.root.name})")
+    if ctx.is_main:
+        write_table(out / "predictions.tsv", table)
+        write_json(out / "bias_correction.json", {
+            **trained.index["bias_correction"],
+            "run": str(trained.run.root.resolve()),
+            "qc_thresholds": thresholds.to_dict(),
+            "qc_reference": {k: v for k, v in trained.reference.items()
+                             if k != "intensity_percentiles"},
+        })
+        write_json(out / "metrics.json", metrics)
+        write_qc_page(table, out, trained.template, title=f"QC of {len(table)} subjects "
+                      f"(run {trained.run.root.name})")
+    barrier(ctx)
     return PredictResult(table=table, metrics=metrics, out=out)
 
 
@@ -488,7 +516,7 @@ def _predict_one(trained: TrainedRun, row: pd.Series, label: str, *, qc: str,
         image, trained.template.mask, trained.reference["intensity_percentiles"])
     if needs_search(measures, thresholds, trained.reference):
         measures.update(search_pose_and_orientation(result.aligned))
-    x = torch.from_numpy(image)[None, None]
+    x = torch.from_numpy(image)[None, None].to(next(trained.model.parameters()).device)
     ages, features = predict_with_features(trained.model, x)
     measures["ood"] = float(trained.ood.score(features)[0])
     reasons = qc_reasons(measures, thresholds, trained.reference,
@@ -512,7 +540,7 @@ def _predict_one(trained: TrainedRun, row: pd.Series, label: str, *, qc: str,
             trained.correction.corrected_prediction([age], [pred])[0])
         record["gap_corrected"] = float(trained.correction.corrected_gap([age], [pred])[0])
     if explainer is not None:
-        importance = explainer.attribute(x)[0, 0].numpy().astype(np.float32)
+        importance = explainer.attribute(x)[0, 0].cpu().numpy().astype(np.float32)
         save_nifti(trained.template.to_image(importance), map_path)
         record["map"] = os.path.join("maps", map_path.name)
     return record

@@ -196,3 +196,17 @@ def test_maps_config_from_dict_and_errors():
         MapsConfig.from_dict({"baselines": ["lime"]})
     with pytest.raises(BrainAgeInputError, match="maps.max_train_subjects"):
         MapsConfig.from_dict({"max_train_subjects": 0})
+
+
+def test_loader_workers_do_not_change_the_fit(data):
+    # Issue 16, item 4: workers read and batch the images of training and validation;
+    # the noise draws are seeded per epoch, so the fit is the same with or without them.
+    train = (data.images[:8], data.ages[:8])
+    val = (data.images[8:12], data.ages[8:12])
+    kwargs = {"epochs": 2, "batch_size": 4, "lr": 1e-2, "progress": False}
+    alone = make_explainer(data, channels=2).fit(train, val, num_workers=0, **kwargs)
+    workers = make_explainer(data, channels=2).fit(train, val, num_workers=2, **kwargs)
+    assert torch.equal(alone.attribute(data.images[12:14]),
+                       workers.attribute(data.images[12:14]))
+    cols = ["loss", "val_task", "val_mean_b"]
+    assert alone.history_[cols].equals(workers.history_[cols])

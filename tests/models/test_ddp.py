@@ -99,6 +99,9 @@ def test_two_gloo_processes_match_single_process_training(tmp_path):
     out = torch.load(checkpoint + ".result", weights_only=False)
     assert np.allclose([h["val_mae"] for h in out["history"]],
                        [h["val_mae"] for h in single.history], atol=1e-4, rtol=0)
+    # the training loss of an epoch is over every process's subjects, as in one process
+    assert np.allclose([h["train_loss"] for h in out["history"]],
+                       [h["train_loss"] for h in single.history], atol=1e-4, rtol=0)
     assert out["summary"]["global_batch_size"] == 4 and out["summary"]["processes"] == 2
     # Training moved the weights, so the comparison is not trivially between two inits.
     torch.manual_seed(CFG.get("seed", 0))

@@ -46,3 +46,35 @@ def test_gather_shards_in_one_process_returns_the_values():
     ctx = DistContext(rank=0, world_size=1, device=torch.device("cpu"))
     assert (gather_shards(values, 5, ctx) == values).all()
     assert list(distributed.shard_positions(5, DistContext(1, 2, torch.device("cpu")))) == [1, 3]
+
+
+def test_auto_loader_workers_none_on_the_cpu_some_on_each_gpu(monkeypatch):
+    # Issue 16, item 4: on the CPU, workers only take cores from the computation; on a GPU
+    # they read and convert while the GPU computes, sharing the node's cores between the
+    # torchrun processes of the node and leaving one core to each process.
+    resolve = distributed.resolve_num_workers
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve("auto", cpu, cpu_count=64, local_world_size=1) == 0
+    assert resolve("auto", gpu, cpu_count=2, local_world_size=1) == 1
+    assert resolve("auto", gpu, cpu_count=16, local_world_size=1) == 8  # capped
+    assert resolve("auto", gpu, cpu_count=32, local_world_size=8) == 3
+    assert resolve("auto", gpu, cpu_count=8, local_world_size=8) == 0
+    assert resolve(3, cpu) == 3  # an explicit count is taken as it is
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: set(range(24)),
+                        raising=False)
+    assert resolve("auto", "cuda:1") == 5
+    for bad in (-1, 1.5, "many", True):
+        with pytest.raises(BrainAgeInputError, match="'num_workers' must be 'auto' or a non"):
+            resolve(bad, cpu)
+
+
+def test_training_and_map_settings_default_to_auto_workers():
+    from brainage_core.models.training import TrainConfig
+    from brainage_core.study.maps import MapsConfig
+
+    assert TrainConfig().num_workers == "auto"
+    assert MapsConfig().num_workers == "auto"
+    assert TrainConfig(num_workers=2).num_workers == 2
+    with pytest.raises(BrainAgeInputError, match="'maps.num_workers' must be 'auto'"):
+        MapsConfig(num_workers=-1)

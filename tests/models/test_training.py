@@ -190,3 +190,22 @@ def test_set_epoch_reaches_persistent_loader_workers(cohort):
     expected = torch.stack([reference[i][0] for i in range(len(reference))])
     assert not torch.equal(first, second)
     assert torch.equal(second, expected)
+
+
+def test_loader_workers_do_not_change_the_result(cohort):
+    # Issue 16, item 4: with workers, reading, float32 conversion, augmentation and
+    # batching leave the training process; training (with augmentation and BatchNorm
+    # re-estimation) and validation must give exactly what one process gives.
+    cfg = {**TINY, "norm": "batch", "epochs": 2, "min_epochs": 2, "augment": {"shift": 1},
+           "batchnorm_recalibration": 8}
+    ds = cohort_datasets(cohort, cfg)
+    alone = train_predictor({**cfg, "num_workers": 0}, ds["train"], ds["val"], progress=False)
+    ds = cohort_datasets(cohort, cfg)
+    workers = train_predictor({**cfg, "num_workers": 2}, ds["train"], ds["val"],
+                              progress=False)
+    _assert_same_weights(_weights(alone.model), _weights(workers.model))
+    assert [h["val_mae"] for h in alone.history] == [h["val_mae"] for h in workers.history]
+    from brainage_core.models.evaluation import predict
+
+    assert np.array_equal(predict(alone.model, ds["test"]),
+                          predict(alone.model, ds["test"], num_workers=2))

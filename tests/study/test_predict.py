@@ -175,3 +175,26 @@ def test_maps_use_the_runs_noise_model(trained_run, tiny_cohort, tmp_path):
         assert int(img.header["sform_code"]) == 4
         data = img.get_fdata()
         assert data[~trained.template.mask].max() == 0 and data[trained.template.mask].max() > 0
+
+
+def test_two_torchrun_processes_write_the_table_of_one(trained_run, tiny_cohort, tmp_path):
+    # Issue 16: `predict --nproc 2` runs 2 gloo processes under torchrun, each predicting
+    # (and mapping) every second subject; rank 0 writes the one table.
+    copy = _copy_run(trained_run, tmp_path / "run")
+    trained = TrainedRun.open(copy.root)
+    NoiseMapExplainer(load_predictor(copy.predictor_checkpoint), mask=trained.template.mask,
+                      channels=2, depth=1).save(copy.noise_checkpoint)
+    args = ["predict", "--run-dir", str(copy.root), "--bids", str(tiny_cohort), "--maps",
+            "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert main([*args, "--out", str(tmp_path / "two"), "--nproc", "2"]) == 0
+    one, two = (pd.read_csv(tmp_path / d / "predictions.tsv", sep="\t") for d in ("one", "two"))
+    assert len(one) == 6 and one["predicted_age"].notna().all()
+    pd.testing.assert_frame_equal(one, two, check_exact=False, rtol=0, atol=1e-6)
+    for name in one["map"]:
+        a, b = (nib.load(tmp_path / d / name).get_fdata() for d in ("one", "two"))
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["n_computed"] == 6 and metrics["mae"] == pytest.approx(
+        json.loads((tmp_path / "one" / "metrics.json").read_text())["mae"], abs=1e-6)
+    assert (tmp_path / "two" / "qc.html").is_file()

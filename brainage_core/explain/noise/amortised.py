@@ -44,7 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from tqdm.auto import tqdm
 
 from brainage_core._utils.docs import fill_doc
@@ -64,7 +64,7 @@ from brainage_core.explain.noise.objective import (
 )
 from brainage_core.explain.noise.perturbations import BatchShard
 from brainage_core.explain.noise.settings import NoiseSettings
-from brainage_core.models.distributed import amp_dtype
+from brainage_core.models.distributed import amp_dtype, check_num_workers, resolve_num_workers
 from brainage_core.models.unet import UNet3D
 
 #: Version of the checkpoint layout written by :meth:`NoiseMapExplainer.save`.
@@ -194,7 +194,7 @@ class NoiseMapExplainer(NoiseObjective):
         checkpoint_path: str | os.PathLike | None = None,
         resume: bool = True,
         progress: bool = True,
-        num_workers: int = 0,
+        num_workers: int | str = "auto",
         amp: bool = True,
     ) -> NoiseMapExplainer:
         """Train the noise model with the predictor frozen.
@@ -231,8 +231,12 @@ class NoiseMapExplainer(NoiseObjective):
             overwrite it.
         progress : bool, default=True
             Show a tqdm progress bar over epochs (rank 0 only).
-        num_workers : int, default=0
-            DataLoader worker processes reading and converting the images.
+        num_workers : int or "auto", default="auto"
+            DataLoader worker processes reading and converting the images, for training
+            and validation (pinned memory on CUDA); ``"auto"``: none on the CPU or for
+            images given as tensors, some on CUDA
+            (:func:`~brainage_core.models.distributed.resolve_num_workers`). The result
+            does not depend on it.
         amp : bool, default=True
             Mixed precision on CUDA (:func:`~brainage_core.models.distributed.amp_dtype`:
             bfloat16 where native, else float16 with a gradient scaler); the losses are
@@ -246,7 +250,7 @@ class NoiseMapExplainer(NoiseObjective):
         check_positive("epochs", epochs, integer=True)
         check_positive("batch_size", batch_size, integer=True)
         check_positive("lr", lr)
-        check_positive("num_workers", num_workers, integer=True, allow_zero=True)
+        num_workers = check_num_workers("num_workers", num_workers)
         rank, world = _process_group()
         if batch_size % world:
             raise BrainAgeInputError(
@@ -254,6 +258,9 @@ class NoiseMapExplainer(NoiseObjective):
                 f"({world})."
             )
         train_set = as_dataset(train_data, "train_data")
+        if num_workers == "auto" and isinstance(train_set, TensorDataset):
+            num_workers = 0  # images already in memory (perhaps on the GPU): nothing to read
+        num_workers = resolve_num_workers(num_workers, self.device)
         val_set = None if val_data is None else as_dataset(val_data, "val_data")
         optimiser = torch.optim.Adam(self.noise_model.parameters(), lr=lr)
         if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
@@ -283,7 +290,8 @@ class NoiseMapExplainer(NoiseObjective):
                 start = time.perf_counter()
                 row = self._train_epoch(train_set, loop, epoch)
                 if val_set is not None:
-                    val = self.evaluate(val_set, batch_size=batch_size, seed_offset=epoch)
+                    val = self.evaluate(val_set, batch_size=batch_size, seed_offset=epoch,
+                                        num_workers=num_workers)
                     row.update({f"val_{k}": v for k, v in val.items()})
                     row["val_objective"] = val["task"] + self.noise.lam * val["reg"]
                     if self._best is None or row["val_objective"] <= self._best[0]:
@@ -400,9 +408,12 @@ class NoiseMapExplainer(NoiseObjective):
 
     @torch.no_grad()
     def evaluate(
-        self, data: Any, *, batch_size: int = 8, n_draws: int = 1, seed_offset: int = 0
+        self, data: Any, *, batch_size: int = 8, n_draws: int = 1, seed_offset: int = 0,
+        num_workers: int = 0,
     ) -> dict[str, float]:
         """Predictor error on clean and noised images of ``data``.
+
+        ``num_workers`` DataLoader workers read the images (pinned memory on CUDA).
 
         Returns
         -------
@@ -421,9 +432,12 @@ class NoiseMapExplainer(NoiseObjective):
         count = 0
         gen = epoch_generator(self.noise.seed, 10_000 + seed_offset, 2, self.device)
         with frozen(self.predictor):
-            for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                    num_workers=num_workers,
+                                    pin_memory=self.device.type == "cuda"):
                 x, ages = split_item(batch)
-                x, ages = x.to(self.device), ages.to(self.device)
+                x = x.to(self.device, non_blocking=True)
+                ages = ages.to(self.device, non_blocking=True)
                 clean = predict_batch(self.predictor, x)
                 targets = clean if self.noise.target == "prediction" else self._targets(x, ages)
                 logits = self._logits(x)
