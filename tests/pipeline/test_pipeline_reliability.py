@@ -169,9 +169,16 @@ def test_run_killed_and_interrupted_then_resumed(tmp_path: Path) -> None:
 
     wait_for(preparing, proc, "the preparation")
     family = descendants(proc.pid)
+    alive_at_signal = proc.is_alive()
     os.kill(proc.pid, signal.SIGINT)
     proc.join(60)
-    assert proc.exitcode == 130
+    # the message tells a lost signal from a run that finished first (seen once, not
+    # reproduced: the run ended with status 0 and "done" for the data step)
+    assert proc.exitcode == 130, (
+        f"exit {proc.exitcode}; alive when signalled: {alive_at_signal}; "
+        f"partials: {sorted(p.name for p in cache_dir.glob('prepared/*'))}; "
+        f"stderr: {err.read_text()[-1500:]!r}"
+    )
     lines = err.read_text().strip().splitlines()
     assert lines[-1] == (
         "brainage-study run: error: interrupted (Ctrl-C); what was finished is kept; run the "
