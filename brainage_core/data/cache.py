@@ -371,12 +371,9 @@ def prepare_cohort(
     clean, manifest_skipped, params, key = _resolve(
         manifest, resolution=resolution, on_error=on_error, split_fractions=split_fractions,
         seed=seed, metadata=metadata, age_range=age_range, register=register)
-    cache_dir = Path(cache_dir).expanduser().resolve()
-    final = cache_dir / key
-    if (final / "metadata.json").is_file():
-        return PreparedCohort.open(final)
-
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir, final, ready = _cache_entry(cache_dir, key)
+    if ready is not None:
+        return ready
     with file_lock(cache_dir / f"{key}.lock", wait=wait, what="this cache entry"):
         if (final / "metadata.json").is_file():  # another process finished it meanwhile
             return PreparedCohort.open(final)
@@ -436,6 +433,17 @@ def _resolve(
     }
     skipped = clean.attrs["skipped"]
     return clean, skipped, params, cache_key(clean, skipped, params)
+
+
+def _cache_entry(cache_dir: str | os.PathLike, key: str
+                 ) -> tuple[Path, Path, PreparedCohort | None]:
+    """The cache folder (created), the entry's final folder, and the entry if published."""
+    cache_dir = Path(cache_dir).expanduser().resolve()
+    final = cache_dir / key
+    if (final / "metadata.json").is_file():
+        return cache_dir, final, PreparedCohort.open(final)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return cache_dir, final, None
 
 
 def _remove_superseded_partials(cache_dir: Path, key: str, params: dict[str, Any]) -> None:
@@ -1118,11 +1126,9 @@ def prepare_shard(
     clean, manifest_skipped, params, key = _resolve(
         manifest, resolution=resolution, on_error=on_error, split_fractions=split_fractions,
         seed=seed, metadata=metadata, age_range=age_range, register=register)
-    cache_dir = Path(cache_dir).expanduser().resolve()
-    final = cache_dir / key
-    if (final / "metadata.json").is_file():
-        return PreparedCohort.open(final)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir, _, ready = _cache_entry(cache_dir, key)
+    if ready is not None:
+        return ready
     template = load_template(resolution)
     part = shard_folder(cache_dir, key, (index, count))
     positions = range(index, len(clean), count)
