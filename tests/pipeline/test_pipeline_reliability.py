@@ -111,6 +111,11 @@ RUN_OVERRIDES = [
 
 def _run_cli(argv: list[str], stderr: str) -> None:
     """Child: ``brainage-study run ...``; exit with its status, standard error to a file."""
+    # a forked child inherits the test process's signal handlers (earlier tests' DataLoader
+    # workers install torch's SIGCHLD handler there); a command started from a shell has
+    # the defaults, so restore them
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     fd = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 2)
     sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
