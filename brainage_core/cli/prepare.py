@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -253,39 +254,21 @@ def _prepare(args: argparse.Namespace, manifest: pd.DataFrame) -> PreparedCohort
     """The whole manifest prepared with its QC measures (None: a shard, not the last)."""
     if args.shard is None:
         return _prepare_whole(args, manifest)
-    return prepare_shard(
-        manifest,
-        args.out,
-        shard=tuple(args.shard),
-        resolution=args.resolution,
-        on_error=args.on_error,
-        split_fractions=args.split_fractions,
-        seed=args.seed,
-        n_jobs=args.n_jobs,
-        progress=not args.no_progress,
-        age_range=tuple(args.age_range),
-        register=args.register,
-        qc=True,
-    )
+    return prepare_shard(manifest, args.out, shard=tuple(args.shard), **_prepare_options(args))
 
 
 def _prepare_whole(args: argparse.Namespace, manifest: pd.DataFrame,
                    reuse: PreparedCohort | None = None) -> PreparedCohort:
-    return prepare_cohort(
-        manifest,
-        args.out,
-        resolution=args.resolution,
-        on_error=args.on_error,
-        split_fractions=args.split_fractions,
-        seed=args.seed,
-        n_jobs=args.n_jobs,
-        progress=not args.no_progress,
-        age_range=tuple(args.age_range),
-        wait=not args.no_wait,
-        register=args.register,
-        qc=True,
-        reuse=reuse,
-    )
+    return prepare_cohort(manifest, args.out, wait=not args.no_wait, reuse=reuse,
+                          **_prepare_options(args))
+
+
+def _prepare_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The preparation settings a whole and a sharded ``prepare`` share (QC measured)."""
+    return {"resolution": args.resolution, "on_error": args.on_error,
+            "split_fractions": args.split_fractions, "seed": args.seed,
+            "n_jobs": args.n_jobs, "progress": not args.no_progress,
+            "age_range": tuple(args.age_range), "register": args.register, "qc": True}
 
 
 def _summary(cohort: PreparedCohort, checked: pd.DataFrame, args: argparse.Namespace) -> None:

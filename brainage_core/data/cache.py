@@ -878,12 +878,7 @@ def compact_in_place(path: Path, keep: np.ndarray, record: Path, *,
     keep = np.asarray(keep, dtype=bool)
     kept = np.flatnonzero(keep)
     n, n_kept = int(keep.size), int(kept.size)
-    with open(path, "rb") as fh:
-        version = np.lib.format.read_magic(fh)
-        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                else np.lib.format.read_array_header_2_0)
-        file_shape, fortran, dtype = read(fh)
-        offset = fh.tell()
+    version, file_shape, fortran, dtype, offset = _npy_header(path)
     row_shape = tuple(int(s) for s in file_shape[1:])
     row_bytes = int(np.prod(row_shape)) * np.dtype(dtype).itemsize
     state = {"n": n, "n_kept": n_kept, "moved": int(np.argmin(keep)) if n_kept < n else n}
@@ -918,6 +913,16 @@ def compact_in_place(path: Path, keep: np.ndarray, record: Path, *,
     set_row_count(path, n_kept)
 
 
+def _npy_header(path: Path) -> tuple[tuple[int, int], tuple[int, ...], bool, Any, int]:
+    """``(format version, shape, fortran order, dtype, data offset)`` of a ``.npy`` file."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        file_shape, fortran, dtype = read(fh)
+        return version, file_shape, fortran, dtype, fh.tell()
+
+
 def set_row_count(path: Path, n_rows: int) -> None:
     """Keep the first ``n_rows`` rows of a ``.npy`` file: rewrite its header, truncate it.
 
@@ -925,12 +930,7 @@ def set_row_count(path: Path, n_rows: int) -> None:
     the header's length; the result is byte for byte the file written with ``n_rows``
     rows from the start. Calling it again changes nothing.
     """
-    with open(path, "rb") as fh:
-        version = np.lib.format.read_magic(fh)
-        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                else np.lib.format.read_array_header_2_0)
-        file_shape, fortran, dtype = read(fh)
-        offset = fh.tell()
+    version, file_shape, fortran, dtype, offset = _npy_header(path)
     row_shape = tuple(int(s) for s in file_shape[1:])
     row_bytes = int(np.prod(row_shape)) * np.dtype(dtype).itemsize
     header = io.BytesIO()
