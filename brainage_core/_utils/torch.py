@@ -70,3 +70,27 @@ def as_mask(mask: Any, shape: tuple[int, ...], device: torch.device) -> torch.Te
             f"{tuple(m.shape)} was provided."
         )
     return (m != 0).to(device=device, dtype=torch.float32)[None, None]
+
+
+def subject_seed(*key: int) -> int:
+    """A 32-bit seed derived from integers (for example ``seed, subject position``).
+
+    Draws made from it depend only on ``key``, never on what was drawn before, so a
+    subject's random draws are the same whichever process handles it and in what order.
+    """
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def seeded(*key: int) -> Iterator[int]:
+    """Seed torch's global generators from ``key`` inside the block; restore them after.
+
+    Methods that draw from torch's global generator (SmoothGrad, GradientShap, a
+    :class:`~brainage_core.explain.reference.RandomMap` without a seed) then give each
+    subject the same map in one process or in any shard of a ``torchrun`` job.
+    """
+    seed = subject_seed(*key)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield seed

@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from brainage_core._utils.torch import frozen, model_device, predict_batch
+from brainage_core._utils.torch import frozen, model_device, predict_batch, subject_seed
 from brainage_core._utils.validation import BrainAgeInputError, check_fraction, check_positive
 
 
@@ -78,7 +78,8 @@ def faithfulness(
     n_draws : int, default=2
         Noise draws per image (averaged).
     seed : int, default=0
-        Seeds the noise and the random placement.
+        Seeds the noise and the random placement (each image's draws from ``seed`` and
+        its position, see :func:`fixed_noise_shifts`).
     batch_size : int, default=8
         Images per forward pass.
 
@@ -87,35 +88,77 @@ def faithfulness(
     dict
         Mean ``|f(x~) - f(x)|`` in years for ``"map"``, ``"random"`` and ``"inverted"``.
     """
+    shifts = fixed_noise_shifts(predictor, images, importance, brain, fraction=fraction,
+                                sigma=sigma, n_draws=n_draws, seed=seed, batch_size=batch_size)
+    return dict(zip(FIXED_NOISE_PLACEMENTS, map(float, shifts.mean(0)), strict=True))
+
+
+#: The placements of :func:`fixed_noise_shifts`, in the order of its columns.
+FIXED_NOISE_PLACEMENTS = ("map", "random", "inverted")
+
+
+def fixed_noise_shifts(
+    predictor: nn.Module,
+    images: Any,
+    importance: Any,
+    brain: Any = None,
+    *,
+    fraction: float = 0.5,
+    sigma: float = 1.0,
+    n_draws: int = 2,
+    seed: int = 0,
+    positions: Any = None,
+    batch_size: int = 8,
+) -> np.ndarray:
+    """Per-image shifts of :func:`faithfulness`, shaped ``(N, 3)`` (map, random, inverted).
+
+    Image ``i``'s noise and random placement are drawn from ``(seed, positions[i])``
+    alone (``positions``: the images' places in the whole compared set, default
+    ``0..N-1``), so a shard of the images gives the rows of the whole set.
+    """
     check_fraction("fraction", fraction, allow_one=True)
     check_positive("sigma", sigma)
     check_positive("n_draws", n_draws, integer=True)
     x, imp, voxels = _prepare(images, importance, brain)
-    n_noisy = int(round(fraction * voxels.size))
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
     n = x.shape[0]
+    positions = _positions(positions, n)
+    n_noisy = int(round(fraction * voxels.size))
+    out = np.zeros((n, len(FIXED_NOISE_PLACEMENTS)))
+    if n == 0:
+        return out
     flat = x.reshape(n, -1)
+    orders = [voxels[np.argsort(imp[i].reshape(-1)[voxels].numpy(), kind="stable")]
+              for i in range(n)]
+    rngs = [np.random.default_rng([int(seed), int(p)]) for p in positions]
+    gens = [torch.Generator().manual_seed(subject_seed(seed, p)) for p in positions]
     with frozen(predictor):
         clean = _predict(predictor, x, batch_size)
-        shifts = {"map": 0.0, "random": 0.0, "inverted": 0.0}
         for _ in range(n_draws):
-            eps = torch.randn(flat.shape, generator=gen) * sigma
-            for placement in shifts:
+            eps = torch.stack([torch.randn(flat.shape[1], generator=g) for g in gens]) * sigma
+            for column, placement in enumerate(FIXED_NOISE_PLACEMENTS):
                 select = torch.zeros(flat.shape, dtype=torch.bool)
                 for i in range(n):
-                    order = voxels[np.argsort(imp[i].reshape(-1)[voxels].numpy(), kind="stable")]
                     if placement == "map":
-                        chosen = order[:n_noisy]
+                        chosen = orders[i][:n_noisy]
                     elif placement == "inverted":
-                        chosen = order[voxels.size - n_noisy :]
+                        chosen = orders[i][voxels.size - n_noisy :]
                     else:
-                        chosen = rng.choice(voxels, size=n_noisy, replace=False)
+                        chosen = rngs[i].choice(voxels, size=n_noisy, replace=False)
                     select[i, torch.from_numpy(chosen)] = True
                 noisy = (flat + eps * select).reshape(x.shape)
                 pred = _predict(predictor, noisy, batch_size)
-                shifts[placement] += float((pred - clean).abs().mean()) / n_draws
-    return shifts
+                out[:, column] += (pred - clean).abs().double().numpy() / n_draws
+    return out
+
+
+def _positions(positions: Any, n: int) -> np.ndarray:
+    if positions is None:
+        return np.arange(n)
+    positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+    if positions.size != n:
+        raise BrainAgeInputError(f"'positions' must hold one value per image ({n}); "
+                                 f"{positions.size} were provided.")
+    return positions
 
 
 def budget_faithfulness(
@@ -158,7 +201,8 @@ def budget_faithfulness(
     n_draws : int, default=4
         Noise draws (and random permutations) averaged.
     seed : int, default=0
-        Seeds the draws and the permutations.
+        Seeds the draws and the permutations (each image's from ``seed`` and its
+        position, see :func:`budget_shifts`).
     batch_size : int, default=8
         Images per forward pass.
 
@@ -169,12 +213,52 @@ def budget_faithfulness(
         ``"inverted"``, and the ratios ``"learned_ratio"`` and ``"inverted_ratio"``
         (each over ``"permuted"``).
     """
+    return budget_summary(budget_shifts(
+        predictor, images, importance, budget, perturb, brain, n_draws=n_draws, seed=seed,
+        batch_size=batch_size))
+
+
+#: The placements of :func:`budget_shifts`, in the order of its columns.
+BUDGET_PLACEMENTS = ("learned", "permuted", "inverted")
+
+
+def budget_summary(shifts: np.ndarray) -> dict[str, float]:
+    """The mean shifts of :func:`budget_shifts` rows and their ratios to ``"permuted"``."""
+    out = dict(zip(BUDGET_PLACEMENTS, map(float, np.asarray(shifts).mean(0)), strict=True))
+    for name in ("learned", "inverted"):
+        out[f"{name}_ratio"] = out[name] / out["permuted"] if out["permuted"] else float("nan")
+    return out
+
+
+def budget_shifts(
+    predictor: nn.Module,
+    images: Any,
+    importance: Any,
+    budget: Any,
+    perturb: Any,
+    brain: Any = None,
+    *,
+    n_draws: int = 4,
+    seed: int = 0,
+    positions: Any = None,
+    batch_size: int = 8,
+) -> np.ndarray:
+    """Per-image shifts of :func:`budget_faithfulness`, shaped ``(N, 3)``.
+
+    Columns: learned, permuted, inverted. Image ``i``'s permutations and noise are drawn
+    from ``(seed, positions[i])`` alone (``positions``: the images' places in the whole
+    compared set, default ``0..N-1``), so a shard of the images gives the rows of the
+    whole set.
+    """
     check_positive("n_draws", n_draws, integer=True)
     x, imp, voxels = _prepare(images, importance, brain)
     bud = torch.as_tensor(budget, dtype=torch.float32).reshape(x.shape)
     n = x.shape[0]
-    rng = np.random.default_rng(seed)
-    placed = {"learned": [], "inverted": []}
+    positions = _positions(positions, n)
+    out = np.zeros((n, len(BUDGET_PLACEMENTS)))
+    if n == 0:
+        return out
+    placed: dict[str, list[torch.Tensor]] = {"learned": [], "inverted": []}
     for i in range(n):
         values = np.sort(bud[i].reshape(-1)[voxels].numpy())  # ascending B
         by_importance = voxels[np.argsort(-imp[i].reshape(-1)[voxels].numpy(), kind="stable")]
@@ -184,7 +268,7 @@ def budget_faithfulness(
             placed[name].append(b.reshape(x.shape[1:]))
     maps = {k: torch.stack(v) for k, v in placed.items()}
     device = model_device(predictor)
-    shifts = {"learned": 0.0, "permuted": 0.0, "inverted": 0.0}
+    rngs = [np.random.default_rng([int(seed), int(p)]) for p in positions]
     with frozen(predictor):
         clean = _predict(predictor, x, batch_size)
         for draw in range(n_draws):
@@ -193,25 +277,21 @@ def budget_faithfulness(
                 flat = permuted[i].reshape(-1)
                 values = bud[i].reshape(-1)[voxels]
                 flat[torch.from_numpy(voxels)] = values[
-                    torch.from_numpy(rng.permutation(voxels.size))
+                    torch.from_numpy(rngs[i].permutation(voxels.size))
                 ]
             for name, b in (*maps.items(), ("permuted", permuted)):
-                gen = torch.Generator(device=device).manual_seed(seed * 1000 + draw)
-                preds = []
-                for xs, bs in zip(
-                    torch.split(x, batch_size), torch.split(b, batch_size), strict=True
-                ):
-                    with torch.no_grad():
-                        xt = perturb(xs.to(device), bs.to(device), gen)
-                        preds.append(predict_batch(predictor, xt).cpu())
-                shifts[name] += float((torch.cat(preds) - clean).abs().mean()) / n_draws
-    shifts["learned_ratio"] = (
-        shifts["learned"] / shifts["permuted"] if shifts["permuted"] else float("nan")
-    )
-    shifts["inverted_ratio"] = (
-        shifts["inverted"] / shifts["permuted"] if shifts["permuted"] else float("nan")
-    )
-    return shifts
+                with torch.no_grad():
+                    noisy = torch.cat([
+                        perturb(x[i : i + 1].to(device), b[i : i + 1].to(device),
+                                torch.Generator(device=device).manual_seed(
+                                    subject_seed(seed, positions[i], draw)))
+                        for i in range(n)
+                    ]).cpu()
+                pred = _predict(predictor, noisy, batch_size)
+                out[:, BUDGET_PLACEMENTS.index(name)] += (
+                    (pred - clean).abs().double().numpy() / n_draws
+                )
+    return out
 
 
 def deletion_curve(
@@ -248,20 +328,44 @@ def deletion_curve(
         Columns ``fraction`` and ``change`` (mean absolute prediction change in years
         over the images).
     """
+    changes = deletion_changes(predictor, images, importance, brain, steps=steps,
+                               reference=reference, insertion=insertion, batch_size=batch_size)
+    return pd.DataFrame({"fraction": np.linspace(0.0, 1.0, steps + 1),
+                         "change": changes.mean(0)})
+
+
+def deletion_changes(
+    predictor: nn.Module,
+    images: Any,
+    importance: Any,
+    brain: Any = None,
+    *,
+    steps: int = 10,
+    reference: Any = 0.0,
+    insertion: bool = False,
+    batch_size: int = 8,
+) -> np.ndarray:
+    """Per-image points of :func:`deletion_curve`, shaped ``(N, steps + 1)``.
+
+    Row ``i`` holds ``|f(x_i changed) - f(x_i)|`` at the fractions
+    ``linspace(0, 1, steps + 1)``; the curve is the mean of the rows.
+    """
     check_positive("steps", steps, integer=True)
     x, imp, voxels = _prepare(images, importance, brain)
     n = x.shape[0]
+    fractions = np.linspace(0.0, 1.0, steps + 1)
+    out = np.zeros((n, fractions.size))
+    if n == 0:
+        return out
     flat = x.reshape(n, -1)
     ref = torch.as_tensor(reference, dtype=torch.float32)
     ref = (ref * torch.ones_like(x) if ref.ndim == 0 else ref.expand_as(x)).reshape(n, -1)
     orders = [
         voxels[np.argsort(-imp[i].reshape(-1)[voxels].numpy(), kind="stable")] for i in range(n)
     ]
-    fractions = np.linspace(0.0, 1.0, steps + 1)
-    rows = []
     with frozen(predictor):
         clean = _predict(predictor, x, batch_size)
-        for frac in fractions:
+        for column, frac in enumerate(fractions):
             k = int(round(frac * voxels.size))
             if insertion:
                 changed = flat.clone()
@@ -273,8 +377,8 @@ def deletion_curve(
                 idx = torch.from_numpy(orders[i][:k])
                 changed[i, idx] = source[i, idx]
             pred = _predict(predictor, changed.reshape(x.shape), batch_size)
-            rows.append({"fraction": float(frac), "change": float((pred - clean).abs().mean())})
-    return pd.DataFrame(rows)
+            out[:, column] = (pred - clean).abs().double().numpy()
+    return out
 
 
 def deletion_auc(curve: pd.DataFrame) -> float:
@@ -290,6 +394,10 @@ def deletion_auc(curve: pd.DataFrame) -> float:
 
 
 # -- ROAD: remove and debias (Rong et al., 2022) -------------------------------------------
+#: The shares of brain voxels ROAD removes, by default.
+ROAD_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
 def noisy_linear_imputation(
     image: np.ndarray, removed: np.ndarray, *, noise_sd: float = 0.0, rng: Any = None
 ) -> np.ndarray:
@@ -362,7 +470,7 @@ def road_curve(
     importance: Any,
     brain: Any = None,
     *,
-    fractions: Any = (0.1, 0.3, 0.5, 0.7, 0.9),
+    fractions: Any = ROAD_FRACTIONS,
     most_relevant_first: bool = True,
     noise_fraction: float = 0.02,
     seed: int = 0,
@@ -384,6 +492,8 @@ def road_curve(
         MoRF (True) or LeRF (False).
     noise_fraction : float, default=0.02
         Imputation noise, as a share of the images' intensity range.
+    seed : int, default=0
+        Seeds the imputation noise (each image's from ``seed`` and its position).
 
     Returns
     -------
@@ -391,29 +501,62 @@ def road_curve(
         Columns ``fraction`` and ``change`` (mean absolute change in years), with the
         point (0, 0) first.
     """
+    changes = road_changes(predictor, images, importance, brain, fractions=fractions,
+                           most_relevant_first=most_relevant_first,
+                           noise_fraction=noise_fraction, seed=seed, batch_size=batch_size)
+    fracs = [0.0, *(float(f) for f in fractions)]
+    return pd.DataFrame({"fraction": fracs, "change": [0.0, *changes.mean(0)]})
+
+
+def road_changes(
+    predictor: nn.Module,
+    images: Any,
+    importance: Any,
+    brain: Any = None,
+    *,
+    fractions: Any = ROAD_FRACTIONS,
+    most_relevant_first: bool = True,
+    noise_fraction: float = 0.02,
+    intensity_range: float | None = None,
+    seed: int = 0,
+    positions: Any = None,
+    batch_size: int = 8,
+) -> np.ndarray:
+    """Per-image points of :func:`road_curve` (without the origin), ``(N, len(fractions))``.
+
+    Image ``i``'s imputation noise is drawn from ``(seed, positions[i])`` alone
+    (``positions``: the images' places in the whole compared set, default ``0..N-1``), and
+    its standard deviation is ``noise_fraction`` times ``intensity_range`` (default: the
+    range of ``images``; give the whole set's range when ``images`` is a shard of it).
+    """
     check_fraction("noise_fraction", noise_fraction)
     fracs = [float(check_fraction("fractions", f, allow_one=True)) for f in fractions]
     x, imp, voxels = _prepare(images, importance, brain)
     n = x.shape[0]
+    positions = _positions(positions, n)
+    out = np.zeros((n, len(fracs)))
+    if n == 0:
+        return out
     grid = tuple(x.shape[2:])
-    rng = np.random.default_rng(seed)
-    sd = noise_fraction * float(x.max() - x.min())
+    if intensity_range is None:
+        intensity_range = float(x.max() - x.min())
+    sd = noise_fraction * float(intensity_range)
     orders = []
     for i in range(n):
         order = voxels[np.argsort(-imp[i].reshape(-1)[voxels].numpy(), kind="stable")]
         orders.append(order if most_relevant_first else order[::-1])
-    rows = [{"fraction": 0.0, "change": 0.0}]
+    rngs = [np.random.default_rng([int(seed), int(p)]) for p in positions]
     with frozen(predictor):
         clean = _predict(predictor, x, batch_size)
-        for frac in fracs:
+        for column, frac in enumerate(fracs):
             k = int(round(frac * voxels.size))
             changed = np.empty(x.shape, dtype=np.float32)
             for i in range(n):
                 removed = np.zeros(int(np.prod(grid)), bool)
                 removed[orders[i][:k]] = True
                 changed[i, 0] = noisy_linear_imputation(
-                    x[i, 0].numpy(), removed.reshape(grid), noise_sd=sd, rng=rng
+                    x[i, 0].numpy(), removed.reshape(grid), noise_sd=sd, rng=rngs[i]
                 )
             pred = _predict(predictor, torch.from_numpy(changed), batch_size)
-            rows.append({"fraction": frac, "change": float((pred - clean).abs().mean())})
-    return pd.DataFrame(rows)
+            out[:, column] = (pred - clean).abs().double().numpy()
+    return out

@@ -22,6 +22,7 @@ from scipy.stats import rankdata
 from torch import nn
 
 from brainage_core._utils.validation import BrainAgeInputError, check_fraction
+from brainage_core.explain.protocol import attribute_each
 
 #: Leaf layers whose parameters are re-initialised with the layer before them (a
 #: convolution and its normalisation form one level of the cascade).
@@ -107,27 +108,77 @@ def cascading_randomisation(
         randomised), ``spearman`` (mean over images), ``spearman_min`` and
         ``spearman_max``.
     """
+    layers, values = cascade_spearman(predictor, explain, images, brain, seed=seed,
+                                      original=original)
+    return cascade_table(layers, values)
+
+
+def cascade_spearman(
+    predictor: nn.Module,
+    explain: Callable[[nn.Module], Any],
+    images: Any,
+    brain: Any = None,
+    *,
+    seed: int = 0,
+    original: Any = None,
+    positions: Any = None,
+) -> tuple[list[str], np.ndarray]:
+    """Per-image correlations of :func:`cascading_randomisation`.
+
+    The predictor's copy is randomised the same way whatever the images, and
+    ``explain(model)`` is called at every level even when ``images`` is empty (so an
+    explainer built collectively, such as a noise model refitted by every process of a
+    ``torchrun`` job, is built by every process). With ``positions`` (the images' places
+    in the whole compared set), each image is explained alone under
+    :func:`~brainage_core._utils.torch.seeded` ``(seed, level, position)``, so random
+    methods give a shard of the images the rows of the whole set.
+
+    Returns
+    -------
+    layers : list of str
+        The last layer randomised at each level after the trained model (level 1 first).
+    values : numpy.ndarray of shape (N, levels)
+        Spearman correlation of each image's map at each level with its original map.
+    """
     x = torch.as_tensor(images, dtype=torch.float32)
+    n = x.shape[0]
+
+    def attribute(explainer: Any, level: int) -> Any:
+        if positions is None:
+            return explainer.attribute(x) if n else x
+        return attribute_each(explainer, x, positions, seed, level)
+
     if original is None:
-        original = explain(predictor).attribute(x)
+        original = attribute(explain(predictor), 0)
     original = torch.as_tensor(original)
-    rows = [{"level": 0, "layer": "none", "spearman": 1.0, "spearman_min": 1.0,
-             "spearman_max": 1.0}]
     model = copy.deepcopy(predictor).eval()
     modules = dict(model.named_modules())
+    layers, columns = [], []
     for level, (name, members) in enumerate(randomisation_levels(model), start=1):
         torch.manual_seed(seed + level)
         for member in members:
             _reinitialise(modules[member])
-        maps = explain(model).attribute(x)
-        values = [spearman_within(maps[i], original[i], brain) for i in range(len(x))]
+        maps = attribute(explain(model), level)
+        layers.append(name)
+        columns.append([spearman_within(maps[i], original[i], brain) for i in range(n)])
+    return layers, np.asarray(columns, dtype=np.float64).reshape(len(layers), n).T
+
+
+def cascade_table(layers: list[str], values: Any) -> pd.DataFrame:
+    """The table of :func:`cascading_randomisation` from :func:`cascade_spearman`'s output."""
+    values = np.asarray(values, dtype=np.float64).reshape(-1, len(layers))
+    rows = [{"level": 0, "layer": "none", "spearman": 1.0, "spearman_min": 1.0,
+             "spearman_max": 1.0}]
+    for level, name in enumerate(layers, start=1):
+        column = values[:, level - 1]
+        finite = np.isfinite(column).any()
         rows.append(
             {
                 "level": level,
                 "layer": name,
-                "spearman": float(np.nanmean(values)) if np.isfinite(values).any() else 0.0,
-                "spearman_min": float(np.nanmin(values)) if np.isfinite(values).any() else 0.0,
-                "spearman_max": float(np.nanmax(values)) if np.isfinite(values).any() else 0.0,
+                "spearman": float(np.nanmean(column)) if finite else 0.0,
+                "spearman_min": float(np.nanmin(column)) if finite else 0.0,
+                "spearman_max": float(np.nanmax(column)) if finite else 0.0,
             }
         )
     return pd.DataFrame(rows)

@@ -107,7 +107,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "--nproc", type=int, default=1, metavar="N",
-        help="processes per node of the heavy steps (training, noise model, maps): with "
+        help="processes per node of the heavy steps (training, noise model, maps, method "
+             "comparison): with "
              "N > 1 the notebooks launch them through torchrun (one per GPU; gloo on the "
              "CPU) and show their results (default: 1, in the notebook's kernel)",
     )

@@ -38,13 +38,15 @@ class RandomMap:
     ----------
     mask : array-like of bool or None, default=None
         Brain mask (None: everywhere).
-    seed : int, default=0
-        Seeds the sequence of maps.
+    seed : int or None, default=0
+        Seeds the sequence of maps. None draws from torch's global generator, so that the
+        caller decides each map's draw (:func:`~brainage_core._utils.torch.seeded`: the
+        comparison gives every subject its own, whichever process explains it).
     """
 
-    def __init__(self, mask: Any = None, *, seed: int = 0) -> None:
+    def __init__(self, mask: Any = None, *, seed: int | None = 0) -> None:
         self.mask = mask
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.generator = None if seed is None else torch.Generator().manual_seed(int(seed))
 
     def attribute(self, inputs: torch.Tensor, *, batch_size: int = 4) -> torch.Tensor:
         """Random maps shaped like ``inputs`` (zero outside the mask)."""

@@ -176,6 +176,15 @@ def init_distributed(device: str = "auto") -> DistContext:
     return DistContext(0, 1, dev)
 
 
+def process_context(device: torch.device | str = "cpu") -> DistContext:
+    """Where this process stands, without starting anything: the active process group's
+    rank and size (one process without one), computing on ``device``."""
+    dev = torch.device(device)
+    if dist.is_available() and dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size(), dev)
+    return DistContext(0, 1, dev)
+
+
 def broadcast_float(value: float, ctx: DistContext) -> float:
     """Return the main process's ``value`` on every process (keeps decisions in sync)."""
     if not ctx.distributed:
@@ -210,6 +219,34 @@ def gather_shards(values: np.ndarray, n: int, ctx: DistContext) -> np.ndarray:
     parts: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(parts, values)
     out = np.empty((n, *values.shape[1:]), dtype=values.dtype)
+    for rank, part in enumerate(parts):
+        out[rank::ctx.world_size] = part
+    return out
+
+
+def all_reduce_max(values: list[float], ctx: DistContext) -> list[float]:
+    """Maxima of ``values`` over every process (the values themselves in one process)."""
+    if not ctx.distributed:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device(ctx))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [float(v) for v in t.tolist()]
+
+
+def gather_items(items: list[Any], n: int, ctx: DistContext) -> list[Any] | None:
+    """Reassemble per-process lists of :func:`shard_positions` items on the main process.
+
+    ``items`` holds this process's results in the order of its positions (any picklable
+    objects; a process may have none). The main process gets all ``n`` in item order;
+    the others get None.
+    """
+    if not ctx.distributed:
+        return list(items)
+    parts: list[Any] = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(list(items), parts, dst=0)
+    if not ctx.is_main:
+        return None
+    out: list[Any] = [None] * n
     for rank, part in enumerate(parts):
         out[rank::ctx.world_size] = part
     return out

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
@@ -22,31 +23,45 @@ from tqdm.auto import tqdm
 
 from brainage_core._utils.io import save_nifti, write_table
 from brainage_core._utils.profiling import measure_cost
+from brainage_core._utils.torch import model_device
+from brainage_core._utils.validation import BrainAgeInputError
 from brainage_core.analysis.bootstrap import bootstrap_interval, region_rank_intervals
 from brainage_core.analysis.faithfulness import (
-    budget_faithfulness,
+    FIXED_NOISE_PLACEMENTS,
+    ROAD_FRACTIONS,
+    budget_shifts,
+    budget_summary,
     deletion_auc,
-    deletion_curve,
-    faithfulness,
-    road_curve,
+    deletion_changes,
+    fixed_noise_shifts,
+    road_changes,
 )
 from brainage_core.analysis.localisation import localisation_auroc, score_map
 from brainage_core.analysis.regions import region_table
-from brainage_core.analysis.robustness import map_stability
+from brainage_core.analysis.robustness import stability_per_image
 from brainage_core.analysis.sanity import (
-    cascading_randomisation,
+    cascade_spearman,
+    cascade_table,
     sanity_verdict,
     spearman_within,
 )
 from brainage_core.explain.captum import CaptumExplainer
 from brainage_core.explain.noise.amortised import NoiseMapExplainer
+from brainage_core.explain.protocol import attribute_each
 from brainage_core.explain.reference import FixedMap, RandomMap
+from brainage_core.models.distributed import (
+    all_reduce_max,
+    all_reduce_sum,
+    gather_items,
+    process_context,
+    shard_positions,
+)
 from brainage_core.study.average import (
     ceiling_map,
     deletion_reference,
     reliance_shares,
 )
-from brainage_core.study.explain import per_subject_explainer
+from brainage_core.study.explain import mean_noise_levels, per_subject_explainer
 from brainage_core.study.maps import (
     CEILING,
     NOISE,
@@ -120,24 +135,32 @@ Factory = Callable[[torch.nn.Module], Any]
 def method_factories(
     study: MapsStudy,
     explainer: NoiseMapExplainer,
-    images: torch.Tensor,
+    images: torch.Tensor | None = None,
     *,
     methods: list[str] | None = None,
+    mean_b: float | None = None,
     progress: bool = False,
 ) -> dict[str, Factory]:
     """Every compared method, as a function of the predictor it explains.
 
     The registry of the comparison: the amortised noise maps (``noise``: a noise model
-    with the run's settings fitted around the given predictor for ``maps.sanity_epochs``
-    epochs on ``maps.sanity_train_subjects`` subjects, which is what the sanity check
-    needs; the comparison itself uses the run's trained noise model), the per-subject
-    noise maps, each captum method of ``methods`` (default ``maps.baselines``) with the
-    perturbation's reference image as the baseline of path and occlusion methods, and
-    the two references: the random map and, on synthetic data, the model-free ceiling
-    ``|corr(intensity, age)|``. Each explainer returns template-space maps shaped like the images.
+    with the run's settings and reference image fitted around the given predictor for
+    ``maps.sanity_epochs`` epochs on ``maps.sanity_train_subjects`` subjects, which is
+    what the sanity check needs; the comparison itself uses the run's trained noise
+    model), the per-subject noise maps (held at the amortised model's mean noise level
+    ``mean_b``, or its mean on ``images``), each captum method of ``methods`` (default
+    ``maps.baselines``) with the reference image (the training mean,
+    :func:`comparison_reference`) as the baseline of path and occlusion methods, and the
+    two references: the random map (drawn from torch's generator, which the comparison
+    seeds per subject) and, on synthetic data, the model-free ceiling
+    ``|corr(intensity, age)|``. Each explainer returns template-space maps shaped like the
+    images.
+
+    Under ``torchrun`` the ``noise`` factory is collective: every process must call it
+    (the refit is trained with DistributedDataParallel).
     """
     s = study.settings
-    reference = deletion_reference(explainer, images)[:1]
+    reference = comparison_reference(study, explainer)
     window = max(1, int(round(s.occlusion_mm / float(study.cohort.resolution))))
 
     def noise(predictor: torch.nn.Module) -> Any:
@@ -145,7 +168,8 @@ def method_factories(
 
     factories: dict[str, Factory] = {
         NOISE: noise,
-        NOISE_PER_SUBJECT: lambda p: per_subject_explainer(study, explainer, images, predictor=p),
+        NOISE_PER_SUBJECT: lambda p: per_subject_explainer(study, explainer, images,
+                                                           predictor=p, mean_b=mean_b),
     }
     for name in s.baselines if methods is None else methods:
         factories.setdefault(
@@ -160,11 +184,26 @@ def method_factories(
                 n_samples=s.shap_samples,
             ),
         )
-    factories[RANDOM] = lambda p: RandomMap(study.cohort.mask, seed=s.noise.seed)
+    factories[RANDOM] = lambda p: RandomMap(study.cohort.mask, seed=None)
     if load_truth(study) is not None:
         ceiling = ceiling_map(study).astype(np.float32)
         factories[CEILING] = lambda p: FixedMap(ceiling, study.cohort.mask)
     return factories
+
+
+def comparison_reference(study: MapsStudy, explainer: NoiseMapExplainer) -> torch.Tensor:
+    """The reference image of the comparison: the training-mean image, ``(1, 1, X, Y, Z)``.
+
+    The run's noise model holds it (computed when it was fitted, from its whole training
+    set; under DistributedDataParallel every process computes it identically from that
+    whole set, not from its shard, and the checkpoint keeps it). A noise model without one
+    gets it here, from the whole training split, the same in every process. It is the
+    baseline of the path and occlusion methods and what deletion moves voxels toward
+    under the additive perturbation.
+    """
+    if explainer.reference is None:
+        explainer.set_reference(study.dataset("train"))
+    return explainer.reference.detach().cpu()
 
 
 def _refit_noise_model(
@@ -174,7 +213,8 @@ def _refit_noise_model(
     """A noise model with the run's settings, trained briefly around ``predictor``."""
     s = study.settings
     refit = NoiseMapExplainer(
-        predictor, explainer.noise, mask=study.cohort.mask, **s.network_kwargs()
+        predictor, explainer.noise, mask=study.cohort.mask,
+        reference=comparison_reference(study, explainer), **s.network_kwargs()
     )
     refit.fit(
         study.subset("train", s.sanity_train_subjects),
@@ -224,20 +264,21 @@ def compare_methods(
     n_subjects: int | None = None,
     methods: list[str] | None = None,
     progress: bool = True,
-) -> Comparison:
+) -> Comparison | None:
     """Score every method (:func:`method_factories`) on the same test subjects.
 
     For each method, on the first ``maps.compare_subjects`` test subjects:
 
-    * **cost**: milliseconds per subject (one subject at a time) and peak memory
-      (``peak_rss_mb``: resident memory above its level at the start;
-      ``peak_python_mb``: Python allocations), measured while the maps are made;
+    * **cost**: milliseconds per subject (one subject at a time; under ``torchrun`` the
+      processes' seconds summed, per subject) and peak memory (``peak_rss_mb``: resident
+      memory above its level at the start; ``peak_python_mb``: Python allocations; the
+      largest process's), measured while the maps are made;
     * **localisation** of the mean map (:func:`score_map`: AUROC, relevance mass and
       rank, core and continuous truth, per effect, depth-matched, regions) with a
       bootstrap interval over subjects of the AUROC (``localisation_auroc_lo/hi``) and of
       the ten top regions' ranks;
-    * **faithfulness**: deletion and insertion areas toward the perturbation's reference
-      image; ROAD (noisy linear imputation, Rong et al. 2022) areas with the most
+    * **faithfulness**: deletion and insertion areas toward the reference image; ROAD
+      (noisy linear imputation, Rong et al. 2022) areas with the most
       (``road_morf_auc``, higher is better) or least (``road_lerf_auc``, lower is better)
       relevant voxels removed first, on ``maps.road_subjects`` subjects; the like-for-like
       noise test (``budget_shift_*``) and the fixed-noise test (``fixed_noise_shift_*``);
@@ -251,46 +292,169 @@ def compare_methods(
     * **robustness**: ``robustness_spearman``, the rank correlation of a subject's map
       with its map under input noise of ``maps.robustness_noise``.
 
+    **One process or many.** Under ``torchrun`` (``python -m brainage_core.study.launch
+    compare RUN``, or ``brainage-study run --nproc N``) every process explains and scores
+    its share of the subjects (positions ``rank, rank + N, ...``), the noise model's
+    sanity refits are trained by all processes together, and the main process gathers the
+    per-subject results, scores the mean maps and writes every table, map and metric.
+    Every random draw of a subject (SmoothGrad's and GradientShap's noise, the random map,
+    the faithfulness tests' noise and permutations, ROAD's imputation noise, the
+    robustness noise) is seeded from ``maps.seed`` and the subject's position, and the
+    noise scales use the whole set's intensity range, so the tables do not depend on the
+    number of processes (up to floating-point rounding, and to the DDP refits' rounding
+    for the noise model's sanity columns).
+
     Every method's row is merged into ``metrics.json`` under ``maps.<method>`` (for
     ``noise``, the population scores of step 04 and the timing of step 03 are kept and
     the comparison's localisation and cost columns get the prefix ``compare_``).
+
+    Returns
+    -------
+    Comparison or None
+        The comparison, in the main process; None in the other processes of a
+        ``torchrun`` job.
     """
     s = study.settings
+    ctx = process_context(model_device(study.predictor))
     n = s.compare_subjects if n_subjects is None else int(n_subjects)
     indices = study.indices("test", n)
-    images = study.images(indices)
-    truth = load_truth(study)
-    atlas = study.atlas()
+    n = len(indices)
+    mine = np.asarray(shard_positions(n, ctx), dtype=np.int64)
+    grid = tuple(study.cohort.mask.shape)
+    images = (study.images(indices[mine]) if len(mine)
+              else torch.zeros((0, 1, *grid), dtype=torch.float32))
     brain = study.cohort.mask
-    factories = method_factories(study, explainer, images, methods=methods, progress=False)
-    reliance = reliance_shares(study)
-    budget = explainer.noise_level(images)  # the learned noise budget of these subjects
-    reference = deletion_reference(explainer, images)
-    n_sanity = min(s.sanity_subjects, len(indices))
-    n_road = min(s.road_subjects, len(indices))
-    rows, curves, sanity_tables, rank_tables = [], [], [], []
-    mean_maps, subject_maps = {}, {}
+    n_sanity = min(s.sanity_subjects, n)
+    n_road = min(s.road_subjects, n)
+    # quantities of the whole compared set, the same in every process
+    low, high = all_reduce_max(
+        [-float(images.min()) if len(mine) else -math.inf,
+         float(images.max()) if len(mine) else -math.inf], ctx)
+    intensity_range = high + low
+    levels = mean_noise_levels(study, explainer, images)
+    total, count = all_reduce_sum([float(levels.sum()), float(levels.size)], ctx)
+    factories = method_factories(study, explainer, methods=methods,
+                                 mean_b=total / max(count, 1.0), progress=False)
+    budget = explainer.noise_level(images).cpu() if len(mine) else images
+    reference = deletion_reference(explainer, images) if len(mine) else images
+    sanity_rows = np.flatnonzero(mine < n_sanity)
+    road_rows = np.flatnonzero(mine < n_road)
+    seed = s.noise.seed
+    main = _MainProcessScoring(study, n=n, n_sanity=n_sanity, n_road=n_road)
     for name, factory in tqdm(
-        factories.items(), desc="methods", disable=None if progress else True
+        factories.items(), desc="methods", disable=None if progress and ctx.is_main else True
     ):
         method = explainer if name == NOISE else factory(study.predictor)
-        row: dict[str, Any] = {"method": name, "n_subjects": len(indices)}
-        method.attribute(images[:1])  # warm-up (allocations, lazy initialisation)
+        if len(mine):
+            method.attribute(images[:1])  # warm-up (allocations, lazy initialisation)
+        steps_run = []
         with measure_cost() as cost:
-            maps = torch.cat([method.attribute(images[i : i + 1]) for i in range(len(indices))])
-        row["ms_per_subject"] = 1000.0 * cost.seconds / max(len(indices), 1)
-        row["peak_rss_mb"] = cost.peak_rss_mb
-        row["peak_python_mb"] = cost.peak_python_mb
+            maps_list = []
+            for i, position in enumerate(mine):
+                maps_list.append(attribute_each(method, images[i : i + 1], [position], seed))
+                if name == NOISE_PER_SUBJECT:
+                    steps_run.append(method.steps_run_)
+        maps = torch.cat(maps_list) if maps_list else images
+        records = [
+            {"map": maps[i, 0].numpy(), "steps_run": steps_run[i] if steps_run else None,
+             "mean_b_target": getattr(method, "mean_b", None)}
+            for i in range(len(mine))
+        ]
+        for kind, insertion in (("deletion", False), ("insertion", True)):
+            changes = deletion_changes(
+                study.predictor, images, maps, brain, steps=s.deletion_steps,
+                reference=reference, insertion=insertion,
+            )
+            for record, row in zip(records, changes, strict=True):
+                record[kind] = row
+        for kind, first in (("road_morf", True), ("road_lerf", False)):
+            changes = road_changes(
+                study.predictor, images[road_rows], maps[road_rows], brain,
+                most_relevant_first=first, seed=seed, positions=mine[road_rows],
+                intensity_range=intensity_range,
+            )
+            for i, row in zip(road_rows, changes, strict=True):
+                records[i][kind] = row
+        like = budget_shifts(
+            study.predictor, images, maps, budget, explainer.perturb, brain,
+            n_draws=s.faithfulness_draws, seed=seed, positions=mine,
+        )
+        # the first version's test: noise of s_max on a fixed share of the brain, a harsher
+        # regime than the maps were trained for (kept as a column, labelled as such)
+        fixed = fixed_noise_shifts(
+            study.predictor, images, maps, brain, fraction=s.faithfulness_fraction,
+            sigma=explainer.noise.s_max, seed=seed, positions=mine,
+        )
+        for i, record in enumerate(records):
+            record["budget"], record["fixed"] = like[i], fixed[i]
+        layers: list[str] = []
+        if n_sanity:
+            sub, positions = images[sanity_rows], mine[sanity_rows]
+            original = maps[sanity_rows]
+            if name == NOISE:  # the cascade compares refits with a refit of the same budget
+                original = attribute_each(factory(study.predictor), sub, positions, seed, 0)
+                for j, i in enumerate(sanity_rows):
+                    records[i]["refit_spearman"] = spearman_within(original[j], maps[i], brain)
+            layers, values = cascade_spearman(
+                study.predictor, factory, sub, brain, seed=seed, original=original,
+                positions=positions,
+            )
+            robust = stability_per_image(
+                method, sub, brain, noise_fraction=s.robustness_noise, seed=seed,
+                positions=positions, intensity_range=intensity_range,
+            )
+            for j, i in enumerate(sanity_rows):
+                records[i]["cascade"], records[i]["robustness"] = values[j], robust[j]
+        gathered = gather_items(records, n, ctx)
+        costs = gather_items([(cost.seconds, cost.peak_rss_mb, cost.peak_python_mb)],
+                             ctx.world_size, ctx)
+        if gathered is not None and costs is not None:
+            main.add(name, gathered, costs, layers)
+    if not ctx.is_main:
+        return None
+    return main.finish()
+
+
+class _MainProcessScoring:
+    """The main process's half of :func:`compare_methods`: score the gathered subjects of
+    each method and write the tables, maps and metrics."""
+
+    def __init__(self, study: MapsStudy, *, n: int, n_sanity: int, n_road: int) -> None:
+        s = study.settings
+        self.study, self.n, self.n_sanity, self.n_road = study, n, n_sanity, n_road
+        self.truth = load_truth(study)
+        self.atlas = study.atlas()
+        self.reliance = reliance_shares(study)
+        self.fractions = np.linspace(0.0, 1.0, s.deletion_steps + 1)
+        self.road_fractions = np.asarray([0.0, *ROAD_FRACTIONS])
+        self.rows: list[dict[str, Any]] = []
+        self.curves: list[pd.DataFrame] = []
+        self.sanity: list[pd.DataFrame] = []
+        self.ranks: list[pd.DataFrame] = []
+        self.mean_maps: dict[str, np.ndarray] = {}
+        self.subject_maps: dict[str, np.ndarray] = {}
+
+    def add(self, name: str, records: list[dict[str, Any]], costs: list[tuple],
+            layers: list[str]) -> None:
+        study, s, n = self.study, self.study.settings, self.n
+        brain, atlas, truth = study.cohort.mask, self.atlas, self.truth
+        maps = np.stack([r["map"] for r in records])
+        row: dict[str, Any] = {"method": name, "n_subjects": n}
+        row["ms_per_subject"] = 1000.0 * sum(c[0] for c in costs) / max(n, 1)
+        row["peak_rss_mb"] = max(c[1] for c in costs)
+        row["peak_python_mb"] = max(c[2] for c in costs)
         if name == NOISE_PER_SUBJECT:
-            row["per_subject_steps_run"] = method.steps_run_
-            row["per_subject_mean_b_target"] = method.mean_b
-        mean = maps.mean(0)[0].numpy()
-        mean_maps[name] = mean
-        subject_maps[name] = maps[0, 0].numpy()
+            row["per_subject_steps_run"] = float(np.mean([r["steps_run"] for r in records]))
+            row["per_subject_mean_b_target"] = records[0]["mean_b_target"]
+        mean = maps.mean(0)
+        self.mean_maps[name] = mean
+        self.subject_maps[name] = maps[0]
         save_nifti(study.cohort.to_image(mean.astype(np.float32)), study.run.method_map(name))
+        save_nifti(study.cohort.to_image(maps[0].astype(np.float32)),
+                   study.run.method_subject_map(name))
         table = region_table(mean, atlas, min_voxels=s.min_region_voxels)
         scores = score_map(
-            mean, table, truth, brain, reliance=reliance, atlas=atlas,
+            mean, table, truth, brain, reliance=self.reliance, atlas=atlas,
             coverage=s.region_coverage,
         )
         scores.pop("planted_ranks", None)
@@ -298,91 +462,116 @@ def compare_methods(
         by_effect = scores.pop("localisation_auroc_by_effect", {})
         row.update({k: v for k, v in scores.items() if not isinstance(v, (dict, list))})
         row.update({f"auroc_{kind}": value for kind, value in by_effect.items()})
-        if s.bootstrap and len(indices) > 1:
+        if s.bootstrap and n > 1:
             if truth is not None:
                 ci = bootstrap_interval(
-                    maps[:, 0].numpy(),
-                    lambda m: localisation_auroc(m, truth.mask, brain),
-                    n_boot=s.bootstrap,
-                    seed=s.noise.seed,
+                    maps, lambda m: localisation_auroc(m, truth.mask, brain),
+                    n_boot=s.bootstrap, seed=s.noise.seed,
                 )
                 row["localisation_auroc_lo"], row["localisation_auroc_hi"] = ci["lo"], ci["hi"]
             ranks = region_rank_intervals(
-                maps[:, 0].numpy(),
-                lambda m: region_table(m, atlas, min_voxels=s.min_region_voxels),
-                n_boot=max(s.bootstrap // 4, 10),
-                seed=s.noise.seed,
-                top=10,
+                maps, lambda m: region_table(m, atlas, min_voxels=s.min_region_voxels),
+                n_boot=max(s.bootstrap // 4, 10), seed=s.noise.seed, top=10,
             )
-            rank_tables.append(ranks.assign(method=name))
-        for kind, insertion in (("deletion", False), ("insertion", True)):
-            curve = deletion_curve(
-                study.predictor, images, maps, brain, steps=s.deletion_steps,
-                reference=reference, insertion=insertion,
-            )
+            self.ranks.append(ranks.assign(method=name))
+        for kind in ("deletion", "insertion"):
+            curve = pd.DataFrame({"fraction": self.fractions,
+                                  "change": np.mean([r[kind] for r in records], axis=0)})
             row[f"{kind}_auc"] = deletion_auc(curve)
-            curves.append(curve.assign(method=name, kind=kind))
-        if n_road:
-            for kind, first in (("road_morf", True), ("road_lerf", False)):
-                curve = road_curve(
-                    study.predictor, images[:n_road], maps[:n_road], brain,
-                    most_relevant_first=first, seed=s.noise.seed,
-                )
+            self.curves.append(curve.assign(method=name, kind=kind))
+        if self.n_road:
+            for kind in ("road_morf", "road_lerf"):
+                change = np.mean([r[kind] for r in records[: self.n_road]], axis=0)
+                curve = pd.DataFrame({"fraction": self.road_fractions,
+                                      "change": np.concatenate([[0.0], change])})
                 row[f"{kind}_auc"] = deletion_auc(curve)
-                curves.append(curve.assign(method=name, kind=kind))
-        like = budget_faithfulness(
-            study.predictor, images, maps, budget, explainer.perturb, brain,
-            n_draws=s.faithfulness_draws, seed=s.noise.seed,
-        )
+                self.curves.append(curve.assign(method=name, kind=kind))
+        like = budget_summary(np.stack([r["budget"] for r in records]))
         row.update({f"budget_shift_{k}": v for k, v in like.items()})
-        # the first version's test: noise of s_max on a fixed share of the brain, a harsher
-        # regime than the maps were trained for (kept as a column, labelled as such)
-        fixed = faithfulness(
-            study.predictor, images, maps, brain, fraction=s.faithfulness_fraction,
-            sigma=explainer.noise.s_max, seed=s.noise.seed,
-        )
-        row.update({f"fixed_noise_shift_{k}": v for k, v in fixed.items()})
-        if n_sanity:
-            sub = images[:n_sanity]
-            original = maps[:n_sanity]
-            if name == NOISE:  # the cascade compares refits with a refit of the same budget
-                original = factory(study.predictor).attribute(sub)
-                row["sanity_refit_spearman"] = float(np.mean([
-                    spearman_within(original[i], maps[i], brain) for i in range(n_sanity)
-                ]))
-            cascade = cascading_randomisation(
-                study.predictor, factory, sub, brain, seed=s.noise.seed, original=original
-            )
-            sanity_tables.append(cascade.assign(method=name))
+        fixed = np.stack([r["fixed"] for r in records]).mean(0)
+        row.update({f"fixed_noise_shift_{k}": float(v)
+                    for k, v in zip(FIXED_NOISE_PLACEMENTS, fixed, strict=True)})
+        if self.n_sanity:
+            sanity = records[: self.n_sanity]
+            if name == NOISE:
+                row["sanity_refit_spearman"] = float(np.mean([r["refit_spearman"]
+                                                              for r in sanity]))
+            cascade = cascade_table(layers, np.stack([r["cascade"] for r in sanity]))
+            self.sanity.append(cascade.assign(method=name))
             row.update(sanity_verdict(cascade, s.sanity_threshold))
             if name in REFERENCES:
                 row["sanity_result"] = "reference"
             else:
                 row["sanity_result"] = "pass" if row["sanity_pass"] else "FAIL"
-            row["robustness_spearman"] = map_stability(
-                method, sub, brain, noise_fraction=s.robustness_noise, seed=s.noise.seed
-            )
+            robust = np.asarray([r["robustness"] for r in sanity], dtype=np.float64)
+            row["robustness_spearman"] = (float(np.nanmean(robust)) if np.isfinite(robust).any()
+                                          else float("nan"))
         row["top_region"] = table["name"].iloc[0] if len(table) else ""
-        rows.append(row)
+        self.rows.append(row)
         _record(study, name, row, by_effect)
-    result = Comparison(
-        scores=pd.DataFrame(rows),
-        curves=pd.concat(curves, ignore_index=True)[["method", "kind", "fraction", "change"]],
-        sanity=pd.concat(sanity_tables, ignore_index=True) if sanity_tables else pd.DataFrame(),
-        region_ranks=(
-            pd.concat(rank_tables, ignore_index=True) if rank_tables else pd.DataFrame()
-        ),
+
+    def finish(self) -> Comparison:
+        study = self.study
+        result = Comparison(
+            scores=pd.DataFrame(self.rows),
+            curves=pd.concat(self.curves, ignore_index=True)[
+                ["method", "kind", "fraction", "change"]],
+            sanity=(pd.concat(self.sanity, ignore_index=True) if self.sanity
+                    else pd.DataFrame()),
+            region_ranks=(pd.concat(self.ranks, ignore_index=True) if self.ranks
+                          else pd.DataFrame()),
+            mean_maps=self.mean_maps,
+            subject_maps=self.subject_maps,
+        )
+        merge_metrics(study, NOISE, {"goal": noise_goal(result.scores)})
+        write_table(study.run.table("method_comparison"), result.scores)
+        write_table(study.run.table("deletion_curves"), result.curves)
+        if not result.sanity.empty:
+            write_table(study.run.table("sanity_checks"), result.sanity)
+        if not result.region_ranks.empty:
+            write_table(study.run.table("region_rank_intervals"), result.region_ranks)
+        return result
+
+
+def load_comparison(study: MapsStudy) -> Comparison:
+    """Read back the comparison that :func:`compare_methods` wrote into the run folder.
+
+    What a notebook shows after the step ran under ``torchrun``: the tables
+    (``tables/method_comparison.csv``, ``deletion_curves.csv``, ``sanity_checks.csv``,
+    ``region_rank_intervals.csv``) and each method's mean map and map of the first
+    compared subject (``maps/method-<method>_mean.nii.gz``, ``..._subject.nii.gz``).
+
+    Raises
+    ------
+    BrainAgeInputError
+        Naming the missing file, if the comparison was not written.
+    """
+    run = study.run
+
+    def table(name: str, required: bool = True) -> pd.DataFrame:
+        path = run.table(name)
+        if not path.is_file():
+            if required:
+                raise BrainAgeInputError("no method comparison: run step 06 first", path)
+            return pd.DataFrame()
+        return pd.read_csv(path)
+
+    scores = table("method_comparison")
+    mean_maps, subject_maps = {}, {}
+    for name in scores["method"]:
+        for store, path in ((mean_maps, run.method_map(name)),
+                            (subject_maps, run.method_subject_map(name))):
+            if not path.is_file():
+                raise BrainAgeInputError("the method comparison is incomplete", path)
+            store[name] = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+    return Comparison(
+        scores=scores,
+        curves=table("deletion_curves"),
+        sanity=table("sanity_checks", required=False),
+        region_ranks=table("region_rank_intervals", required=False),
         mean_maps=mean_maps,
         subject_maps=subject_maps,
     )
-    merge_metrics(study, NOISE, {"goal": noise_goal(result.scores)})
-    write_table(study.run.table("method_comparison"), result.scores)
-    write_table(study.run.table("deletion_curves"), result.curves)
-    if not result.sanity.empty:
-        write_table(study.run.table("sanity_checks"), result.sanity)
-    if not result.region_ranks.empty:
-        write_table(study.run.table("region_rank_intervals"), result.region_ranks)
-    return result
 
 
 #: Localisation columns of the comparison that step 04 records for ``noise`` on every test

@@ -357,22 +357,25 @@ def per_subject_explainer(
     images: torch.Tensor | None = None,
     *,
     predictor: torch.nn.Module | None = None,
+    mean_b: float | None = None,
 ) -> PerSubjectNoiseMap:
     """The per-subject mode with the amortised model's settings and operating point.
 
     It shares the amortised model's :class:`NoiseSettings` (the perturbation included) and
     reference image. With ``maps.per_subject_match_mean_b`` and ``images``, the
-    per-subject maps are held at the amortised model's mean B on those images, so both
-    modes spend the same budget. ``predictor`` replaces the study's predictor (the
-    sanity check explains randomised copies).
+    per-subject maps are held at the amortised model's mean B on those images
+    (:func:`mean_noise_levels`), so both modes spend the same budget; ``mean_b`` gives
+    that mean directly (a process of a sharded job holds only its share of the images).
+    ``predictor`` replaces the study's predictor (the sanity check explains randomised
+    copies).
     """
     s = study.settings
-    mean_b = None
-    if s.per_subject_match_mean_b and images is not None:
-        mask = torch.as_tensor(study.cohort.mask, dtype=torch.float32)
-        b = explainer.noise_level(images)[:, 0]
-        mean_b = float(((b * mask).flatten(1).sum(1) / mask.sum()).mean())
-        mean_b = min(max(mean_b, 0.01), 0.99)
+    if not s.per_subject_match_mean_b:
+        mean_b = None
+    elif mean_b is None and images is not None:
+        mean_b = float(mean_noise_levels(study, explainer, images).mean())
+    if mean_b is not None:
+        mean_b = min(max(float(mean_b), 0.01), 0.99)
     return PerSubjectNoiseMap(
         study.predictor if predictor is None else predictor,
         explainer.noise,
@@ -385,3 +388,13 @@ def per_subject_explainer(
         mean_b=mean_b,
         patience=s.per_subject_patience,
     )
+
+
+def mean_noise_levels(study: MapsStudy, explainer: NoiseMapExplainer,
+                      images: torch.Tensor) -> np.ndarray:
+    """Each image's mean noise level B in the brain under the amortised model, ``(N,)``."""
+    if len(images) == 0:
+        return np.zeros(0)
+    mask = torch.as_tensor(study.cohort.mask, dtype=torch.float32)
+    b = explainer.noise_level(images)[:, 0].cpu()
+    return ((b * mask).flatten(1).sum(1) / mask.sum()).double().numpy()

@@ -12,7 +12,13 @@ or as one of the processes started by ``torchrun`` (``python -m torch.distribute
 ``maps``
     the per-subject maps, each process explaining its shard of the test subjects
     (:func:`~brainage_core.study.explain.write_subject_maps` with
-    ``shard=(rank, world_size)``).
+    ``shard=(rank, world_size)``);
+``compare``
+    the comparison of every attribution method
+    (:func:`~brainage_core.study.compare.compare_methods`): each process explains and
+    scores its shard of the compared subjects, the noise model's sanity refits are
+    trained by all processes together (DDP), and rank 0 gathers the results and writes
+    the tables, maps and metrics.
 
 ``brainage-study predict --nproc N`` runs its own command under ``torchrun`` the same
 way (:func:`torchrun_command`), each process predicting a shard of the new subjects.
@@ -20,8 +26,10 @@ way (:func:`torchrun_command`), each process predicting a shard of the new subje
 The notebooks stay the record: notebook 02 calls ``launch_step("train", run_dir)`` and
 notebook 03 ``launch_step("noise", ...)`` and ``launch_step("maps", ...)`` before their
 own calls, which then find the finished checkpoints and maps and only load them, evaluate
-and show the results. With one process (the default) ``launch_step`` does nothing and the
-notebook computes in its own kernel as before. ``brainage-study run --nproc N`` sets
+and show the results; notebook 06 calls ``launch_step("compare", ...)`` and then reads
+the comparison back (:func:`~brainage_core.study.compare.load_comparison`). With one
+process (the default) ``launch_step`` does nothing and the notebook computes in its own
+kernel as before. ``brainage-study run --nproc N`` sets
 :data:`NPROC_ENV` for the notebooks. On a cluster, run the module under ``torchrun``
 yourself, for example on 2 nodes of 4 GPUs::
 
@@ -45,7 +53,7 @@ from typing import Any
 NPROC_ENV = "BRAINAGE_NPROC"
 
 #: The heavy steps, by name.
-STEPS = ("train", "noise", "maps")
+STEPS = ("train", "noise", "maps", "compare")
 
 
 def nproc() -> int:
@@ -69,13 +77,13 @@ def launch_step(step: str, run_dir: str | os.PathLike,
 
     Parameters
     ----------
-    step : {"train", "noise", "maps"}
+    step : {"train", "noise", "maps", "compare"}
         The step.
     run_dir : str or os.PathLike
         The run folder.
     overrides : dict or None, default=None
         Settings the notebook overrides: ``prediction`` keys for "train", ``maps`` keys
-        (as :meth:`MapsStudy.open` takes them) for "noise" and "maps"; None values are
+        (as :meth:`MapsStudy.open` takes them) for the other steps; None values are
         ignored.
     processes : int or None, default=None
         Processes on this node (None: :func:`nproc`).
@@ -140,6 +148,11 @@ def run_step(step: str, run_dir: str | os.PathLike, overrides: dict[str, Any] | 
     from brainage_core.study.maps import MapsStudy
 
     study = MapsStudy.open(run_dir, overrides=overrides, progress=False)
+    if step == "compare":
+        from brainage_core.study.compare import compare_methods
+
+        compare_methods(study, explain.load_noise_model(study), progress=False)
+        return
     fit = explain.fit_noise_model(study, progress=False)
     if step == "maps":
         rank, world = _rank()

@@ -160,6 +160,11 @@ class RunDir:
         """``maps/method-<method>_mean.nii.gz``: a compared method's mean map (step 06)."""
         return self.maps / f"method-{method}_mean.nii.gz"
 
+    def method_subject_map(self, method: str) -> Path:
+        """``maps/method-<method>_subject.nii.gz``: a compared method's map of the first
+        compared subject (step 06)."""
+        return self.maps / f"method-{method}_subject.nii.gz"
+
     @property
     def maps_source(self) -> Path:
         """``maps/.maps_source.json``: which noise model made the subject maps."""

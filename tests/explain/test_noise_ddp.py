@@ -49,7 +49,13 @@ def _worker(rank: int, world: int, port: int, checkpoint: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        _fit(checkpoint)
+        fitted = _fit(checkpoint)
+        # the reference image (the training mean of replace_mean and of the comparison's
+        # baselines) is computed by each process from the whole training set, not from
+        # its shard: every process holds the same one
+        references = [torch.zeros_like(fitted.reference) for _ in range(world)]
+        dist.all_gather(references, fitted.reference.contiguous())
+        assert all(torch.equal(r, references[0]) for r in references)
     finally:
         dist.destroy_process_group()
 
@@ -65,6 +71,8 @@ def test_two_gloo_processes_fit_the_single_process_noise_model(tmp_path):
     for key in ("loss", "task", "mean_b", "val_objective"):
         assert np.allclose(ddp.history_[key], single.history_[key], rtol=1e-4, atol=0), key
     assert ddp.best_epoch == single.best_epoch and ddp.epochs_trained == 2
+    assert torch.equal(ddp.reference, single.reference)  # the whole training set's mean
+    assert torch.allclose(single.reference[0, 0], data.images[:16].mean(0)[0], atol=1e-6)
     images = data.images[20:]
     maps = single.attribute(images)
     assert float((ddp.attribute(images) - maps).abs().max()) < 0.01

@@ -13,14 +13,16 @@ from brainage_core.study.rundir import RunDir
 from helpers.predictor import TINY
 
 
-def make_trained_run(run_dir: Path, bids: Path, cache_dir: Path) -> RunDir:
+def make_trained_run(run_dir: Path, bids: Path, cache_dir: Path,
+                     split_fractions: tuple[float, float, float] = (0.34, 0.33, 0.33)
+                     ) -> RunDir:
     """Train a tiny predictor on a synthetic BIDS cohort; write predictions, metrics, index."""
     run = RunDir(run_dir)
     config = {
         "name": "tiny",
         "seed": 0,
         "data": {"source": "bids", "path": str(bids), "resolution": 8,
-                 "cache_dir": str(cache_dir), "split_fractions": [0.34, 0.33, 0.33]},
+                 "cache_dir": str(cache_dir), "split_fractions": list(split_fractions)},
         "prediction": {**TINY, "epochs": 2},
     }
     run.write_config(config)

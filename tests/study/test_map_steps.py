@@ -280,3 +280,32 @@ def test_shards_started_at_the_same_moment_keep_every_map(tmp_path, cohort):
     assert counting.n_images == 0 and len(index) == n_test
     digest = explain._noise_model_digest(study)
     assert all(explain._map_source(study.run.root / rel) == digest for rel in index["path"])
+
+
+def test_a_comparison_process_without_subjects_takes_part_and_writes_nothing(
+    tmp_path, cohort, monkeypatch
+):
+    # Issue 16: under torchrun with more processes than compared subjects, a process has
+    # no subject; it must still join every collective (here faked: rank 1 of 2, whose
+    # reductions return its own values and whose gather hands its empty share to rank 0)
+    # and leave the writing to rank 0.
+    from brainage_core.models.distributed import DistContext
+
+    study = make_study(tmp_path, cohort, epochs=1, compare_subjects=1, sanity_subjects=1)
+    fit = explain.fit_noise_model(study, progress=False)
+    shares = []
+
+    def gather(items, n, ctx):
+        shares.append(list(items))
+
+    monkeypatch.setattr(compare, "process_context",
+                        lambda device: DistContext(1, 2, torch.device("cpu")))
+    monkeypatch.setattr(compare, "all_reduce_max", lambda values, ctx: list(values))
+    monkeypatch.setattr(compare, "all_reduce_sum", lambda values, ctx: list(values))
+    monkeypatch.setattr(compare, "gather_items", gather)
+    assert compare.compare_methods(study, fit.explainer, progress=False) is None
+    methods = ["noise", "noise_per_subject", "saliency", maps.RANDOM, maps.CEILING]
+    assert len(shares) == 2 * len(methods)  # each method's records and cost, none dropped
+    assert shares[0::2] == [[]] * len(methods)  # no subject on this process
+    assert not study.run.table("method_comparison").exists()
+    assert not study.run.maps.exists() or not any(study.run.maps.glob("method-*"))

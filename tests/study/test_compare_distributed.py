@@ -1,0 +1,116 @@
+"""Step 06 under ``torchrun``: 2 gloo processes write the comparison of 1 process.
+
+Each process explains and scores its share of the compared subjects (every random draw
+seeded by the subject's position), the noise model's sanity refits are trained by both
+processes together (DDP), and rank 0 gathers and writes the tables. 3 subjects on 2
+processes: rank 0 takes positions 0 and 2, rank 1 position 1; the sanity check runs on
+positions 0 and 1 (one per process), ROAD on position 0 only (rank 1 has none; a process
+with no subject at all is tested in ``test_map_steps.py``).
+
+Tolerances: every score within 1e-4 (absolute; AUROCs, Spearman correlations and shifts
+in years) of the single-process one, maps within 1e-5. What is left to differ there is
+the rounding of the predictor's forward passes over batches of another composition
+(measured: 8e-6 at most). The noise model's sanity columns (its cascade of refits)
+within 0.05: the refits are trained with DistributedDataParallel, whose gradient
+all-reduce rounds differently from one process, and Adam can amplify rounding;
+``tests/explain/test_noise_ddp.py`` bounds the maps of such fits within 0.01 (measured
+here: 1e-8, one step on 2 subjects). Cost columns (time, memory) are not compared.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from helpers.runs import make_trained_run
+from helpers.synth import TINY_CONFIG
+
+from brainage_core.data.synth import SynthConfig, generate_cohort
+from brainage_core.study import compare, explain
+from brainage_core.study.launch import launch_step
+from brainage_core.study.maps import NOISE, MapsStudy
+from brainage_core.study.rundir import RunDir
+
+torch.set_num_threads(1)
+
+MAPS = {
+    "epochs": 1, "batch_size": 2, "channels": 2, "depth": 1, "device": "cpu",
+    "allow_untrained_predictor": True, "per_subject_steps": 5,
+    "compare_subjects": 3, "sanity_subjects": 2, "road_subjects": 1, "deletion_steps": 4,
+    "baselines": ["smoothgrad", "integrated_gradients"], "ig_steps": 4, "shap_samples": 2,
+    "bootstrap": 10, "sanity_epochs": 1, "sanity_train_subjects": 2, "faithfulness_draws": 2,
+    "min_region_voxels": 1, "reliance_subjects": 0,
+}
+
+#: Columns that measure the machine, not the method.
+COST = ("ms_per_subject", "peak_rss_mb", "peak_python_mb")
+
+
+@pytest.fixture(scope="module")
+def compare_run(tmp_path_factory) -> RunDir:
+    """A tiny trained run on 8 subjects at 8 mm split 3 / 2 / 3 (the model-free ceiling map
+    needs 3 training subjects, the bias correction 2 validation subjects)."""
+    root = tmp_path_factory.mktemp("compare")
+    cohort = generate_cohort(SynthConfig.from_dict({**TINY_CONFIG, "n_subjects": 8}),
+                             root / "bids", n_jobs=1, progress=False)
+    return make_trained_run(root / "run", cohort, root / "cache",
+                            split_fractions=(0.375, 0.25, 0.375))
+
+
+def _run_with_noise_model(trained_run: RunDir, where) -> RunDir:
+    shutil.copytree(trained_run.root, where)
+    run = RunDir(where)
+    config = run.load_config()
+    config["maps"] = dict(MAPS)
+    run.write_config(config)
+    study = MapsStudy.open(run.root, progress=False)
+    explain.fit_noise_model(study, progress=False)
+    return run
+
+
+def test_two_torchrun_processes_write_the_comparison_of_one(compare_run, tmp_path):
+    one = _run_with_noise_model(compare_run, tmp_path / "one")
+    two = tmp_path / "two"
+    shutil.copytree(one.root, two)
+    study = MapsStudy.open(one.root, progress=False)
+    single = compare.compare_methods(study, explain.load_noise_model(study), progress=False)
+    assert launch_step("compare", two, processes=2) is True
+    gathered = compare.load_comparison(MapsStudy.open(two, progress=False))
+
+    a, b = single.scores.set_index("method"), gathered.scores.set_index("method")
+    assert list(a.index) == list(b.index) and set(a.columns) == set(b.columns)
+    assert {"noise", "noise_per_subject", "smoothgrad", "random"} <= set(a.index)
+    numeric = [c for c in a.columns if c not in COST and pd.api.types.is_numeric_dtype(a[c])]
+    sanity = [c for c in numeric if c.startswith("sanity_") or c == "robustness_spearman"]
+    assert "deletion_auc" in numeric and "road_morf_auc" in numeric
+    assert "budget_shift_learned" in numeric and "sanity_spearman_all" in numeric
+    models = [m for m in a.index if m != NOISE]
+    diff = (a[numeric].astype(float) - b[numeric].astype(float)).abs()
+    print("largest differences:", diff.loc[models].max().max(), diff.loc[NOISE].max())
+    np.testing.assert_allclose(b.loc[models, numeric].astype(float),
+                               a.loc[models, numeric].astype(float), rtol=0, atol=1e-4)
+    rest = [c for c in numeric if c not in sanity]
+    np.testing.assert_allclose(b.loc[NOISE, rest].astype(float),
+                               a.loc[NOISE, rest].astype(float), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(b.loc[NOISE, sanity].astype(float),
+                               a.loc[NOISE, sanity].astype(float), rtol=0, atol=0.05)
+    for column in ("sanity_result", "top_region"):
+        assert list(b[column]) == list(a[column]), column
+    # the curves, the cascades and the maps, method by method
+    np.testing.assert_allclose(gathered.curves["change"], single.curves["change"],
+                               rtol=0, atol=1e-4)
+    assert list(gathered.sanity["layer"]) == list(single.sanity["layer"])
+    for name in a.index:
+        for kept, mine in ((single.mean_maps, gathered.mean_maps),
+                           (single.subject_maps, gathered.subject_maps)):
+            np.testing.assert_allclose(mine[name], kept[name], rtol=0, atol=1e-5,
+                                       err_msg=name)
+    # the random map and SmoothGrad are random: without per-subject seeds the shards
+    # would have drawn other maps; the same seeds give the same maps, new seeds others
+    assert not np.allclose(single.subject_maps["random"], single.mean_maps["random"])
+    metrics = RunDir(two).read_metrics()["maps"]
+    assert metrics["smoothgrad"]["deletion_auc"] == pytest.approx(
+        float(a.loc["smoothgrad", "deletion_auc"]), abs=1e-4)
