@@ -160,6 +160,7 @@ def run(args: Any = None) -> dict[str, Any]:
         "baseline_seconds": time.perf_counter() - t2,
         "ratio_test_baseline": metrics["test_mae"] / base["mae"],
         "epochs_run": len(result.history),
+        "epochs_planned": result.epochs_planned,
         "best_epoch": result.best_epoch,
         "seconds_per_epoch": result.seconds_per_epoch,
         "subjects_per_second": result.subjects_per_second,
@@ -205,7 +206,9 @@ def run_robustness(opts: argparse.Namespace) -> dict[str, Any]:
                "cnn_mae": m["test_mae"], "ridge_mae": m["baseline_mae"],
                "oracle_mae": m.get("oracle_mae"), "cnn_ridge": m["ratio_test_baseline"],
                "cnn_oracle": m.get("ratio_test_oracle"), "learned": m["learned"],
-               "beats_ridge": m["test_mae"] < m["baseline_mae"], "train_min": minutes}
+               "beats_ridge": m["test_mae"] < m["baseline_mae"],
+               "epochs": f"{len(result.history)}/{result.epochs_planned}",
+               "train_min": minutes}
         rows.append(row)
         print("  ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
     print("\nrobustness (goal: CNN < ridge on every cohort; CNN <= 1.5 x oracle at n >= 400)")
@@ -327,7 +330,8 @@ def _print_figures(f: dict[str, Any]) -> None:
     line("test r / R²", f"{f['test_r']:.3f} / {f['test_r2']:.3f}")
     line("corr(corrected gap, true gap)", f.get("gap_corr_true_gap"))
     line("AUC accelerated vs control", f.get("gap_auc_accelerated"))
-    line("epochs run (best)", f"{f['epochs_run']} ({f['best_epoch'] + 1})")
+    line("epochs run (best) / planned",
+         f"{f['epochs_run']} ({f['best_epoch'] + 1}) / {f['epochs_planned']}")
     line("seconds per epoch", f["seconds_per_epoch"])
     line("training subjects per second", f["subjects_per_second"])
     line("training minutes", f["train_minutes"], verdict("train_minutes", f["train_minutes"]))

@@ -149,6 +149,15 @@ class TrainConfig:
         Never stop early before this many epochs (None: half of ``epochs``). A CNN often
         sits at the mean-age plateau for several epochs before it finds the age signal;
         stopping there returns a model that learned nothing.
+    min_steps : int or None, default=None
+        Train for at least this many optimiser steps: when ``epochs`` epochs of the
+        training set give fewer steps, every length set in epochs (``epochs``,
+        ``patience``, ``min_epochs``, ``warmup_epochs``) is stretched by the same factor,
+        so a small cohort gets the learning-rate schedule, in steps, of a larger one
+        (:meth:`TrainResult.summary` records the epochs planned). None: ``epochs`` as
+        given. Measured on a 400-subject putamen cohort at 4 mm (issue 11): 12 epochs of
+        batches of 4 (840 steps) did not learn (8.17 y against ridge 6.56 y), 30 epochs
+        (2,100 steps) did (5.40 y).
     augment : dict, default={}
         :class:`~brainage_core.data.datasets.Augmentation` settings (``shift``, ``flip``,
         ``noise``, ``intensity``), all off by default.
@@ -216,6 +225,7 @@ class TrainConfig:
     batchnorm_recalibration: int = 128
     patience: int = 10
     min_epochs: int | None = None
+    min_steps: int | None = None
     augment: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     device: str = "auto"
@@ -255,6 +265,8 @@ class TrainConfig:
         check_positive("learning_rate", self.learning_rate)
         if self.min_epochs is not None:
             check_positive("min_epochs", self.min_epochs, integer=True, allow_zero=True)
+        if self.min_steps is not None:
+            check_positive("min_steps", self.min_steps, integer=True)
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
         check_positive("batchnorm_recalibration", self.batchnorm_recalibration, integer=True,
                        allow_zero=True)
@@ -340,6 +352,10 @@ class TrainResult:
         Whether early stopping ended the run.
     resumed_from : int
         Epochs already done when this call started (0 for a fresh run).
+    epochs_planned : int
+        Epochs the run was set to make (``epochs``, stretched by ``min_steps``).
+    steps_per_epoch : int
+        Optimiser steps per epoch.
     """
 
     model: BrainAgeCNN
@@ -350,6 +366,8 @@ class TrainResult:
     resumed_from: int
     global_batch_size: int = 0
     processes: int = 1
+    epochs_planned: int = 0
+    steps_per_epoch: int = 0
 
     @property
     def seconds_per_epoch(self) -> float:
@@ -369,6 +387,8 @@ class TrainResult:
         """Training figures for ``metrics.json``: epochs, best epoch, speed."""
         return {
             "epochs_run": len(self.history),
+            "epochs_planned": self.epochs_planned,
+            "optimiser_steps": len(self.history) * self.steps_per_epoch,
             "best_epoch": self.best_epoch,
             "best_val_mae": self.best_val_mae,
             "stopped_early": self.stopped_early,
@@ -545,6 +565,11 @@ class _Trainer:
                                  pin_memory=self.device.type == "cuda",
                                  persistent_workers=self.num_workers > 0)
         self.steps_per_epoch = len(self.loader)
+        self.stretch = _epoch_stretch(cfg, self.steps_per_epoch)
+        self.epochs = int(math.ceil(cfg.epochs * self.stretch))
+        self.patience = int(math.ceil(cfg.patience * self.stretch))
+        self.min_epochs = (self.epochs // 2 if cfg.min_epochs is None
+                           else int(math.ceil(cfg.min_epochs * self.stretch)))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.epoch = 0
@@ -557,12 +582,12 @@ class _Trainer:
 
     # -- schedule ---------------------------------------------------------------------
     def _lr_factor(self, step: int) -> float:
-        warmup = self.cfg.warmup_epochs * self.steps_per_epoch
+        warmup = self.cfg.warmup_epochs * self.stretch * self.steps_per_epoch
         if warmup and step < warmup:
             return (step + 1) / warmup
         if self.cfg.schedule == "constant":
             return 1.0
-        total = max(self.cfg.epochs * self.steps_per_epoch - warmup, 1)
+        total = max(self.epochs * self.steps_per_epoch - warmup, 1)
         return 0.5 * (1.0 + math.cos(math.pi * min((step - warmup) / total, 1.0)))
 
     # -- main loop --------------------------------------------------------------------
@@ -590,19 +615,21 @@ class _Trainer:
                   + (" (SyncBatchNorm)" if synced else "")
                   + f", {self.num_workers} loader worker(s) per process", flush=True)
         quiet = {} if self.progress and self.ctx.is_main else {"disable": True}
-        bar = tqdm(total=self.cfg.epochs * self.steps_per_epoch,
+        if self.progress and self.ctx.is_main and self.stretch > 1:
+            print(f"min_steps {self.cfg.min_steps}: {self.epochs} epochs of "
+                  f"{self.steps_per_epoch} steps instead of {self.cfg.epochs} "
+                  f"(patience {self.patience})", flush=True)
+        bar = tqdm(total=self.epochs * self.steps_per_epoch,
                    initial=self.epoch * self.steps_per_epoch, unit="batch",
                    desc="training predictor", mininterval=1.0, **quiet)
         try:
-            while not self.finished and self.epoch < self.cfg.epochs:
+            while not self.finished and self.epoch < self.epochs:
                 self._train_epoch(net, bar)
-                min_epochs = (self.cfg.epochs // 2 if self.cfg.min_epochs is None
-                              else self.cfg.min_epochs)
-                if (self.epoch >= min_epochs
-                        and self.epoch - 1 - self.best_epoch >= self.cfg.patience):
+                if (self.epoch >= self.min_epochs
+                        and self.epoch - 1 - self.best_epoch >= self.patience):
                     self.stopped_early = True
                     self.finished = True
-                self.finished = self.finished or self.epoch >= self.cfg.epochs
+                self.finished = self.finished or self.epoch >= self.epochs
                 self._save()
         finally:
             bar.close()
@@ -617,7 +644,8 @@ class _Trainer:
         return TrainResult(model=model, history=list(self.history), best_epoch=self.best_epoch,
                            best_val_mae=self.best_val_mae, stopped_early=self.stopped_early,
                            resumed_from=resumed_from, global_batch_size=self.global_batch,
-                           processes=self.ctx.world_size)
+                           processes=self.ctx.world_size, epochs_planned=self.epochs,
+                           steps_per_epoch=self.steps_per_epoch)
 
     def _train_epoch(self, net: torch.nn.Module, bar: Any) -> None:
         cfg = self.cfg
@@ -767,6 +795,14 @@ def _read_checkpoint(path: str | os.PathLike, map_location: Any) -> dict[str, An
         raise BrainAgeInputError(
             f"not a predictor checkpoint (expected format {CHECKPOINT_FORMAT!r}).", path)
     return ckpt
+
+
+def _epoch_stretch(cfg: TrainConfig, steps_per_epoch: int) -> float:
+    """Factor on every length in epochs so that training makes ``cfg.min_steps`` steps."""
+    if cfg.min_steps is None:
+        return 1.0
+    needed = math.ceil(cfg.min_steps / max(steps_per_epoch, 1))
+    return max(needed / cfg.epochs, 1.0)
 
 
 def _ages_of(dataset: Dataset) -> np.ndarray:

@@ -117,6 +117,26 @@ def test_early_stopping_keeps_the_best_epoch(cohort):
     assert len(late.history) >= 6
 
 
+def test_min_steps_stretches_a_small_cohorts_schedule(cohort):
+    ds = cohort_datasets(cohort, TINY)
+    base = {**TINY, "batch_size": 4, "patience": 100, "warmup_epochs": 0.0}
+    steps = -(-len(ds["train"]) // 4)
+    # 2 epochs are too few steps for min_steps: the run becomes the 5-epoch run, step for step.
+    short = train_predictor({**base, "epochs": 2, "min_steps": 4 * steps + 1}, ds["train"],
+                            ds["val"], progress=False)
+    long = train_predictor({**base, "epochs": 5}, ds["train"], ds["val"], progress=False)
+    assert short.epochs_planned == 5 and len(short.history) == 5
+    assert short.summary()["optimiser_steps"] == 5 * steps
+    _assert_same_weights(_weights(short.model), _weights(long.model))
+    assert [h["lr"] for h in short.history] == [h["lr"] for h in long.history]
+    # Enough steps already: min_steps changes nothing.
+    plain = train_predictor({**base, "epochs": 2}, ds["train"], ds["val"], progress=False)
+    same = train_predictor({**base, "epochs": 2, "min_steps": steps}, ds["train"], ds["val"],
+                           progress=False)
+    assert same.epochs_planned == plain.epochs_planned == 2
+    _assert_same_weights(_weights(plain.model), _weights(same.model))
+
+
 def test_resuming_with_other_settings_is_a_clear_error(cohort, tmp_path):
     ds = cohort_datasets(cohort, TINY)
     train_predictor({**TINY, "epochs": 1}, ds["train"], ds["val"],
@@ -142,6 +162,7 @@ def test_load_predictor_errors_name_the_file(tmp_path):
     [
         ({"loss": "huber"}, r"'loss' must be one of \('mae', 'mse'\); 'huber' was provided"),
         ({"epochs": 0}, "'epochs' must be a positive integer; 0 was provided"),
+        ({"min_steps": 0}, "'min_steps' must be a positive integer; 0 was provided"),
         ({"batch_size": 2.5}, "'batch_size' must be a positive integer; 2.5"),
         ({"learning_rate": -1.0}, "'learning_rate' must be a positive number; -1.0"),
         ({"head": "bins"}, "'head' must be one of"),
