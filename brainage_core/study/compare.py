@@ -526,10 +526,12 @@ class _MainProcessScoring:
         merge_metrics(study, NOISE, {"goal": noise_goal(result.scores)})
         write_table(study.run.table("method_comparison"), result.scores)
         write_table(study.run.table("deletion_curves"), result.curves)
-        if not result.sanity.empty:
-            write_table(study.run.table("sanity_checks"), result.sanity)
-        if not result.region_ranks.empty:
-            write_table(study.run.table("region_rank_intervals"), result.region_ranks)
+        for name, table in (("sanity_checks", result.sanity),
+                            ("region_rank_intervals", result.region_ranks)):
+            if not table.empty:
+                write_table(study.run.table(name), table)
+            else:  # not computed this time: an earlier run's table must not be read back
+                study.run.table(name).unlink(missing_ok=True)
         return result
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -142,6 +144,20 @@ def test_steps_write_maps_tables_and_metrics(tmp_path, cohort):
     assert 0 < per_subject["per_subject_mean_b_target"] < 1
     assert per_subject["per_subject_steps_run"] <= study.settings.per_subject_steps
     assert "saliency" in study.run.read_metrics()["maps"]
+    # what notebook 06 shows after the step ran under torchrun: the same, read back
+    loaded = compare.load_comparison(study)
+    pd.testing.assert_frame_equal(loaded.scores, table, check_dtype=False)
+    pd.testing.assert_frame_equal(loaded.curves, curves, check_dtype=False)
+    pd.testing.assert_frame_equal(loaded.sanity, result.sanity, check_dtype=False)
+    for name in table["method"]:
+        assert np.allclose(loaded.mean_maps[name], mean_maps[name], atol=1e-6)
+        assert np.allclose(loaded.subject_maps[name], result.subject_maps[name], atol=1e-6)
+    # a comparison without the sanity check leaves no earlier sanity table to read back
+    lean = replace(study.settings, sanity_subjects=0, bootstrap=0)
+    compare.compare_methods(replace(study, settings=lean), fit.explainer, methods=[],
+                            progress=False)
+    assert compare.load_comparison(study).sanity.empty
+    assert not study.run.table("sanity_checks").exists()
 
 
 def test_calibrated_lambda_is_kept_and_reused(tmp_path, cohort):
