@@ -110,7 +110,8 @@ def resolve_data_config(data_config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_cohort(
-    data_config: Mapping[str, Any], *, progress: bool = True, n_jobs: int = N_JOBS
+    data_config: Mapping[str, Any], *, progress: bool = True, n_jobs: int = N_JOBS,
+    qc: bool = False,
 ) -> PreparedCohort:
     """Turn a ``data`` config section into a prepared cohort (generating it if needed).
 
@@ -130,6 +131,9 @@ def load_cohort(
         Show progress bars.
     n_jobs : int, default=2
         Worker processes for generation and preparation.
+    qc : bool, default=False
+        Take each image's QC measures while it is prepared (read once), kept in the cache
+        for :func:`cohort_quality`; a cache found ready is used as it is.
 
     Returns
     -------
@@ -160,7 +164,31 @@ def load_cohort(
         progress=progress,
         age_range=cfg["age_range"],
         register=cfg["register"],
+        qc=qc,
     )
+
+
+def cohort_quality(
+    cohort: PreparedCohort, data_config: Mapping[str, Any], *, progress: bool = True
+) -> pd.DataFrame:
+    """QC of a prepared cohort's images (notebook 01), without reading them again.
+
+    The measures taken while the images were prepared (``load_cohort(..., qc=True)``,
+    :meth:`PreparedCohort.qc_measures`) are judged against the cohort
+    (:func:`~brainage_core.data.qc.cohort_qc`); only an image without measures (a cache
+    prepared earlier without them) is read and measured here, registered first if
+    ``data.register`` is set, as it was prepared.
+
+    Returns
+    -------
+    pandas.DataFrame
+        As :func:`~brainage_core.data.qc.cohort_qc`, one row per image of the cohort.
+    """
+    from brainage_core.data.qc import cohort_qc
+
+    cfg = resolve_data_config(data_config)
+    return cohort_qc(cohort.table, cohort.template, register=cfg["register"],
+                     progress=progress, measured=cohort.qc_measures())
 
 
 
