@@ -340,7 +340,8 @@ def compare_methods(
     sanity_rows = np.flatnonzero(mine < n_sanity)
     road_rows = np.flatnonzero(mine < n_road)
     seed = s.noise.seed
-    main = _MainProcessScoring(study, n=n, n_sanity=n_sanity, n_road=n_road)
+    main = (_MainProcessScoring(study, n=n, n_sanity=n_sanity, n_road=n_road)
+            if ctx.is_main else None)
     for name, factory in tqdm(
         factories.items(), desc="methods", disable=None if progress and ctx.is_main else True
     ):
@@ -408,11 +409,9 @@ def compare_methods(
         gathered = gather_items(records, n, ctx)
         costs = gather_items([(cost.seconds, cost.peak_rss_mb, cost.peak_python_mb)],
                              ctx.world_size, ctx)
-        if gathered is not None and costs is not None:
+        if main is not None and gathered is not None and costs is not None:
             main.add(name, gathered, costs, layers)
-    if not ctx.is_main:
-        return None
-    return main.finish()
+    return None if main is None else main.finish()
 
 
 class _MainProcessScoring:
