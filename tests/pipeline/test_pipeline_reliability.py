@@ -128,7 +128,7 @@ def _run_cli(argv: list[str], stderr: str) -> None:
 def _load_cohort(argv: list[str]) -> None:
     """Child: what notebook 01_data does with the config of ``run argv``."""
     pairs = [(argv[i + 1], argv[i + 2]) for i, a in enumerate(argv) if a == "-p"]
-    load_cohort(load_config("quick", overrides=pairs)["data"], progress=False)
+    load_cohort(load_config("quick", overrides=pairs)["data"], progress=False, qc=True)
     os._exit(0)
 
 
