@@ -281,7 +281,10 @@ def compare_methods(
       (noisy linear imputation, Rong et al. 2022) areas with the most
       (``road_morf_auc``, higher is better) or least (``road_lerf_auc``, lower is better)
       relevant voxels removed first, on ``maps.road_subjects`` subjects; the like-for-like
-      noise test (``budget_shift_*``) and the fixed-noise test (``fixed_noise_shift_*``);
+      noise test (``budget_shift_*``: each noise mode's own learned ``B`` kept and moved,
+      the amortised model's ``B`` for the other methods; the per-subject mode's ranks
+      placing the amortised ``B`` are kept as ``amortised_budget_shift_*``) and the
+      fixed-noise test (``fixed_noise_shift_*``);
     * **sanity check** (Adebayo et al. 2018) on ``maps.sanity_subjects`` subjects (the
       amortised noise model is refitted around each randomised predictor and compared
       with a refit around the trained one; ``sanity_refit_spearman`` says how close that
@@ -376,10 +379,20 @@ def compare_methods(
             )
             for i, row in zip(road_rows, changes, strict=True):
                 records[i][kind] = row
+        # like for like: the noise levels a noise mode learned (its own B) are kept and
+        # moved; methods without a budget of their own place the amortised model's
+        own_budget = 1.0 - maps if name == NOISE_PER_SUBJECT else budget
         like = budget_shifts(
-            study.predictor, images, maps, budget, explainer.perturb, brain,
+            study.predictor, images, maps, own_budget, explainer.perturb, brain,
             n_draws=s.faithfulness_draws, seed=seed, positions=mine,
         )
+        if name == NOISE_PER_SUBJECT:  # its ranks placing the amortised budget (a column)
+            other = budget_shifts(
+                study.predictor, images, maps, budget, explainer.perturb, brain,
+                n_draws=s.faithfulness_draws, seed=seed, positions=mine,
+            )
+            for i, record in enumerate(records):
+                record["amortised_budget"] = other[i]
         # the first version's test: noise of s_max on a fixed share of the brain, a harsher
         # regime than the maps were trained for (kept as a column, labelled as such)
         fixed = fixed_noise_shifts(
@@ -487,6 +500,9 @@ class _MainProcessScoring:
                 self.curves.append(curve.assign(method=name, kind=kind))
         like = budget_summary(np.stack([r["budget"] for r in records]))
         row.update({f"budget_shift_{k}": v for k, v in like.items()})
+        if name == NOISE_PER_SUBJECT:  # its ranks placing the amortised budget (a column)
+            other = budget_summary(np.stack([r["amortised_budget"] for r in records]))
+            row.update({f"amortised_budget_shift_{k}": v for k, v in other.items()})
         fixed = np.stack([r["fixed"] for r in records]).mean(0)
         row.update({f"fixed_noise_shift_{k}": float(v)
                     for k, v in zip(FIXED_NOISE_PLACEMENTS, fixed, strict=True)})

@@ -143,6 +143,12 @@ def test_steps_write_maps_tables_and_metrics(tmp_path, cohort):
     per_subject = rows.loc["noise_per_subject"]
     assert 0 < per_subject["per_subject_mean_b_target"] < 1
     assert per_subject["per_subject_steps_run"] <= study.settings.per_subject_steps
+    # like for like with its own learned budget (not the amortised model's: another set of
+    # values, so another permuted shift); the amortised budget placed by its ranks is a column
+    assert per_subject["budget_shift_learned"] < per_subject["budget_shift_inverted"]
+    assert per_subject["budget_shift_permuted"] != noise_row["budget_shift_permuted"]
+    assert per_subject["amortised_budget_shift_permuted"] == pytest.approx(
+        noise_row["budget_shift_permuted"])
     assert "saliency" in study.run.read_metrics()["maps"]
     # what notebook 06 shows after the step ran under torchrun: the same, read back
     loaded = compare.load_comparison(study)
