@@ -155,8 +155,11 @@ def run_step(step: str, run_dir: str | os.PathLike, overrides: dict[str, Any] | 
         return
     fit = explain.fit_noise_model(study, progress=False)
     if step == "maps":
-        rank, world = _rank()
-        explain.write_subject_maps(study, fit.explainer, shard=(rank, world), progress=False)
+        from brainage_core.models.distributed import process_context
+
+        here = process_context()
+        explain.write_subject_maps(study, fit.explainer, shard=(here.rank, here.world_size),
+                                   progress=False)
 
 
 def _train(run_dir: Path, overrides: dict[str, Any]) -> None:
@@ -173,14 +176,6 @@ def _train(run_dir: Path, overrides: dict[str, Any]) -> None:
     datasets = cohort_datasets(cohort, train_config)
     train_predictor(train_config, datasets["train"], datasets["val"],
                     checkpoint=run.predictor_checkpoint, progress=False)
-
-
-def _rank() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -64,7 +64,12 @@ from brainage_core.explain.noise.objective import (
 )
 from brainage_core.explain.noise.perturbations import BatchShard
 from brainage_core.explain.noise.settings import NoiseSettings
-from brainage_core.models.distributed import amp_dtype, check_num_workers, resolve_num_workers
+from brainage_core.models.distributed import (
+    amp_dtype,
+    check_num_workers,
+    process_context,
+    resolve_num_workers,
+)
 from brainage_core.models.unet import UNet3D
 
 #: Version of the checkpoint layout written by :meth:`NoiseMapExplainer.save`.
@@ -251,7 +256,8 @@ class NoiseMapExplainer(NoiseObjective):
         check_positive("batch_size", batch_size, integer=True)
         check_positive("lr", lr)
         num_workers = check_num_workers("num_workers", num_workers)
-        rank, world = _process_group()
+        here = process_context()
+        rank, world = here.rank, here.world_size
         if batch_size % world:
             raise BrainAgeInputError(
                 f"'batch_size' ({batch_size}) must be divisible by the number of processes "
@@ -581,13 +587,6 @@ class _ShardedPermutation(Sampler[int]):
 
     def __len__(self) -> int:
         return -(-self.n // self.world_size)
-
-
-def _process_group() -> tuple[int, int]:
-    """(rank, world size) of the active process group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _comm_device(device: torch.device) -> torch.device:
