@@ -121,7 +121,7 @@ def fixed_noise_shifts(
     check_positive("n_draws", n_draws, integer=True)
     x, imp, voxels = _prepare(images, importance, brain)
     n = x.shape[0]
-    positions = _positions(positions, n)
+    positions = image_positions(positions, n)
     n_noisy = int(round(fraction * voxels.size))
     out = np.zeros((n, len(FIXED_NOISE_PLACEMENTS)))
     if n == 0:
@@ -151,7 +151,8 @@ def fixed_noise_shifts(
     return out
 
 
-def _positions(positions: Any, n: int) -> np.ndarray:
+def image_positions(positions: Any, n: int) -> np.ndarray:
+    """The images' places in the whole set (``0..n-1`` for None), checked: one per image."""
     if positions is None:
         return np.arange(n)
     positions = np.asarray(positions, dtype=np.int64).reshape(-1)
@@ -254,7 +255,7 @@ def budget_shifts(
     x, imp, voxels = _prepare(images, importance, brain)
     bud = torch.as_tensor(budget, dtype=torch.float32).reshape(x.shape)
     n = x.shape[0]
-    positions = _positions(positions, n)
+    positions = image_positions(positions, n)
     out = np.zeros((n, len(BUDGET_PLACEMENTS)))
     if n == 0:
         return out
@@ -533,7 +534,7 @@ def road_changes(
     fracs = [float(check_fraction("fractions", f, allow_one=True)) for f in fractions]
     x, imp, voxels = _prepare(images, importance, brain)
     n = x.shape[0]
-    positions = _positions(positions, n)
+    positions = image_positions(positions, n)
     out = np.zeros((n, len(fracs)))
     if n == 0:
         return out

@@ -9,6 +9,7 @@ import torch
 
 from brainage_core._utils.torch import seeded, subject_seed
 from brainage_core._utils.validation import check_fraction
+from brainage_core.analysis.faithfulness import image_positions
 from brainage_core.analysis.sanity import spearman_within
 
 
@@ -53,7 +54,7 @@ def stability_per_image(
     check_fraction("noise_fraction", noise_fraction)
     x = torch.as_tensor(images, dtype=torch.float32)
     n = x.shape[0]
-    positions = np.arange(n) if positions is None else np.asarray(positions).reshape(-1)
+    positions = image_positions(positions, n)
     if n == 0:
         return np.zeros(0)
     if intensity_range is None:

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
@@ -37,6 +36,7 @@ from brainage_core.analysis.faithfulness import (
     road_changes,
 )
 from brainage_core.analysis.localisation import localisation_auroc, score_map
+from brainage_core.analysis.population import load_map
 from brainage_core.analysis.regions import region_table
 from brainage_core.analysis.robustness import stability_per_image
 from brainage_core.analysis.sanity import (
@@ -334,11 +334,11 @@ def compare_methods(
         [-float(images.min()) if len(mine) else -math.inf,
          float(images.max()) if len(mine) else -math.inf], ctx)
     intensity_range = high + low
-    levels = mean_noise_levels(study, explainer, images)
+    budget = explainer.noise_level(images).cpu() if len(mine) else images
+    levels = mean_noise_levels(study, budget)
     total, count = all_reduce_sum([float(levels.sum()), float(levels.size)], ctx)
     factories = method_factories(study, explainer, methods=methods,
                                  mean_b=total / max(count, 1.0), progress=False)
-    budget = explainer.noise_level(images).cpu() if len(mine) else images
     reference = deletion_reference(explainer, images) if len(mine) else images
     sanity_rows = np.flatnonzero(mine < n_sanity)
     road_rows = np.flatnonzero(mine < n_road)
@@ -580,7 +580,7 @@ def load_comparison(study: MapsStudy) -> Comparison:
                             (subject_maps, run.method_subject_map(name))):
             if not path.is_file():
                 raise BrainAgeInputError("the method comparison is incomplete", path)
-            store[name] = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+            store[name] = load_map(path)
     return Comparison(
         scores=scores,
         curves=table("deletion_curves"),

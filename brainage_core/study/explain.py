@@ -373,7 +373,7 @@ def per_subject_explainer(
     if not s.per_subject_match_mean_b:
         mean_b = None
     elif mean_b is None and images is not None:
-        mean_b = float(mean_noise_levels(study, explainer, images).mean())
+        mean_b = float(mean_noise_levels(study, explainer.noise_level(images)).mean())
     if mean_b is not None:
         mean_b = min(max(float(mean_b), 0.01), 0.99)
     return PerSubjectNoiseMap(
@@ -390,11 +390,11 @@ def per_subject_explainer(
     )
 
 
-def mean_noise_levels(study: MapsStudy, explainer: NoiseMapExplainer,
-                      images: torch.Tensor) -> np.ndarray:
-    """Each image's mean noise level B in the brain under the amortised model, ``(N,)``."""
-    if len(images) == 0:
+def mean_noise_levels(study: MapsStudy, levels: torch.Tensor) -> np.ndarray:
+    """Each image's mean noise level in the brain, ``(N,)``, from its levels B
+    (``(N, 1, X, Y, Z)``, for example the amortised model's ``noise_level(images)``)."""
+    if len(levels) == 0:
         return np.zeros(0)
     mask = torch.as_tensor(study.cohort.mask, dtype=torch.float32)
-    b = explainer.noise_level(images)[:, 0].cpu()
+    b = levels[:, 0].cpu()
     return ((b * mask).flatten(1).sum(1) / mask.sum()).double().numpy()
