@@ -28,7 +28,7 @@ measure                  what it is                                             
 =======================  ==========================================================  ==============
 
 The reference cohort is the run's training split in ``predict`` and the cohort itself in
-``prepare``. The pose and orientation searches run (on an 8 mm grid, about half a second)
+``prepare``. The pose and orientation searches run (on an 8 mm grid, after an 8 mm smoothing; about 0.15 s)
 only for an image whose NCC is below 0.9 x the reference's median.
 
 Why a search and not an NCC threshold: the similarity of a clean image to the MNI template
@@ -250,6 +250,23 @@ def intensity_distance(image: np.ndarray, mask: np.ndarray, reference: np.ndarra
     return float(np.mean(np.abs(intensity_percentiles(image, mask) - np.asarray(reference))))
 
 
+def search_image(img: ImageLike) -> nib.Nifti1Image:
+    """The image as the pose and orientation searches score it: canonical and smoothed.
+
+    A Gaussian of FWHM :data:`ORIENTATION_SEARCH_RESOLUTION` mm (the searches' grid) keeps
+    the sampling on that grid from aliasing: without it the image as it is, sampled at
+    the grid's points, looks sharper than any moved copy, which is interpolated between
+    them, and a moved copy of a registered image scores too well (8 false "not registered"
+    flags among the 209 searched subjects of the realistic default cohort, against 4 with
+    the smoothing).
+    """
+    canonical = reorient(load_image(img))
+    zooms = np.asarray(canonical.header.get_zooms()[:3], dtype=float)
+    sigma = ORIENTATION_SEARCH_RESOLUTION / np.sqrt(8 * np.log(2)) / zooms
+    data = ndimage.gaussian_filter(np.asarray(canonical.dataobj, dtype=np.float32), sigma)
+    return nib.Nifti1Image(data, canonical.affine, canonical.header)
+
+
 def orientation_search(img: ImageLike) -> dict[str, Any]:
     """Read an image's axes in each of the 48 ways and compare each with the template.
 
@@ -264,8 +281,11 @@ def orientation_search(img: ImageLike) -> dict[str, Any]:
         ``orientation_fix_ncc`` (the best NCC among the 47 other readings) and
         ``orientation_fix`` (that reading: the permutation and the flipped axes).
     """
+    return _orientation_search(search_image(img))
+
+
+def _orientation_search(canonical: nib.Nifti1Image) -> dict[str, Any]:
     template = load_template(ORIENTATION_SEARCH_RESOLUTION)
-    canonical = reorient(load_image(img))
     data = np.abs(np.asarray(canonical.dataobj, dtype=np.float32))
     zooms = np.asarray(canonical.header.get_zooms()[:3], dtype=float)
     target = nib.affines.apply_affine(
@@ -282,7 +302,8 @@ def orientation_search(img: ImageLike) -> dict[str, Any]:
             com = np.asarray(ndimage.center_of_mass(moved))
             affine[:3, 3] = target - affine[:3, :3] @ com
             try:
-                resampled = resample_to_template(nib.Nifti1Image(moved.copy(), affine), template)
+                resampled = resample_to_template(nib.Nifti1Image(moved.copy(), affine), template,
+                                                 interpolation="linear")
                 score = ncc(normalise_intensities(resampled, template.mask), template)
             except BrainAgeInputError:
                 continue
@@ -316,15 +337,19 @@ def pose_search(img: ImageLike) -> dict[str, Any]:
         ``pose_identity_ncc`` (the image as it is, on that grid), ``pose_fix_ncc`` (the best
         move's) and ``pose_fix`` (the move, e.g. ``rotate -20 deg about x``).
     """
+    return _pose_search(search_image(img))
+
+
+def _pose_search(canonical: nib.Nifti1Image) -> dict[str, Any]:
     template = load_template(ORIENTATION_SEARCH_RESOLUTION)
-    canonical = reorient(load_image(img))
+    data = np.asarray(canonical.dataobj)
     centre = nib.affines.apply_affine(template.affine, np.argwhere(template.mask).mean(axis=0))
 
     def score(move: np.ndarray) -> float:
-        moved = nib.Nifti1Image(np.asarray(canonical.dataobj), move @ canonical.affine)
+        moved = nib.Nifti1Image(data, move @ canonical.affine)
         try:
-            data = resample_to_template(moved, template)
-            return ncc(normalise_intensities(data, template.mask), template)
+            data_moved = resample_to_template(moved, template, interpolation="linear")
+            return ncc(normalise_intensities(data_moved, template.mask), template)
         except BrainAgeInputError:
             return -1.0
 
@@ -358,7 +383,7 @@ def qc_reasons(measures: dict[str, Any], thresholds: QCThresholds,
     ----------
     measures : dict
         From :func:`preprocess_with_qc`, plus ``intensity_distance``, the orientation
-        search's keys when it ran (:func:`needs_orientation_search`) and ``ood`` when the
+        search's keys when it ran (:func:`needs_search`) and ``ood`` when the
         run has an out-of-distribution score.
     thresholds : QCThresholds
         The limits.
@@ -424,7 +449,8 @@ def needs_search(measures: dict[str, Any], thresholds: QCThresholds,
 
 def search_pose_and_orientation(img: ImageLike) -> dict[str, Any]:
     """:func:`pose_search` and :func:`orientation_search` together."""
-    return {**pose_search(img), **orientation_search(img)}
+    canonical = search_image(img)
+    return {**_pose_search(canonical), **_orientation_search(canonical)}
 
 
 def check_qc_policy(name: str, value: Any) -> str:

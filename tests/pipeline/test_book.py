@@ -33,7 +33,7 @@ from brainage_core.pipeline.book import (
     stage_book,
 )
 from brainage_core.pipeline.runner import NOTEBOOK_DIR, code_fingerprint, load_state
-from brainage_core.study.config import load_config, run_name
+from brainage_core.study.config import load_config
 from brainage_core.study.rundir import RunDir
 
 #: Waits up to 10 s for MathJax; returns [typeset formulas, formulas on the page].
@@ -167,34 +167,6 @@ def test_quick_run_executes_every_study_notebook(quick_run):
         pytest.skip("brainage_core changed during the test; the skip check needs a stable tree")
     assert cli(["run", "--preset", "quick", "--run-dir", str(quick_run)]) == 0
     assert load_state(RunDir(quick_run))["steps"] == steps
-
-
-@pytest.mark.slow
-def test_a_parameter_override_gives_a_separate_run(quick_run, tmp_path):
-    runs_root = tmp_path / "runs"
-    # 1 epoch each: a fast run, whose predictor has not learned, so its maps are allowed
-    # and the smallest comparison (what is tested here is the run folder, not the methods)
-    overrides = [("prediction.epochs", 1), ("maps.epochs", 1),
-                 ("maps.allow_untrained_predictor", True), ("maps.baselines", "[saliency]"),
-                 ("maps.compare_subjects", 1), ("maps.per_subject_steps", 2),
-                 ("maps.sanity_subjects", 0), ("maps.road_subjects", 0),
-                 ("maps.reliance_subjects", 0), ("maps.bootstrap", 0)]
-    assert cli(["run", "--preset", "quick", "--runs-root", str(runs_root),
-                *[arg for key, value in overrides for arg in ("-p", key, str(value))]]) == 0
-    expected = runs_root / run_name(load_config("quick", overrides=overrides))
-    assert sorted(runs_root.iterdir()) == [runs_root / "quick", expected]
-    assert (runs_root / "quick").resolve() == expected.resolve()  # link to the latest run
-    assert RunDir(expected).load_config()["prediction"]["epochs"] == 1
-    assert RunDir(quick_run).load_config()["prediction"]["epochs"] != 1  # untouched
-    # the executed notebooks got the new run folder and show the new value
-    for path in (expected / "notebooks").glob("*.ipynb"):
-        text = path.read_text()
-        assert str(expected.resolve()) in text, path.name
-    shown = nbformat.read(expected / "notebooks" / "05_visualise.ipynb", as_version=4)
-    config_dump = "".join(
-        o.get("text", "") for c in shown.cells if c.cell_type == "code" for o in c.outputs
-        if "prediction:" in o.get("text", ""))
-    assert "epochs: 1" in config_dump.split("prediction:")[1].split("maps:")[0]
 
 
 @pytest.mark.slow

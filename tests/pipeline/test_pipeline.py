@@ -10,6 +10,7 @@ import nbformat
 import pytest
 
 from brainage_core._utils.validation import BrainAgeInputError
+from brainage_core.cli import main as cli
 from brainage_core.pipeline.runner import (
     NOTEBOOK_DIR,
     StepFailed,
@@ -18,7 +19,7 @@ from brainage_core.pipeline.runner import (
     prepare_run_dir,
     run_pipeline,
 )
-from brainage_core.study.config import load_config
+from brainage_core.study.config import load_config, run_name
 from brainage_core.study.rundir import RunDir
 
 STUDY_NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
@@ -203,3 +204,38 @@ def test_runs_name_links_to_the_latest_run(tmp_path):
     real.mkdir()
     _link_latest(str(tmp_path), "other", second)
     assert not real.is_symlink()  # a real folder of that name is never replaced
+
+
+def test_a_parameter_override_gives_a_separate_run(tmp_path):
+    # two small steps that print the run's configuration, as notebook 05 does (the real
+    # notebooks' parameters are checked by the quick run): what is tested is the run folder
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    show = ("import yaml\nfrom brainage_core.study.rundir import RunDir\n"
+            "print(run_dir)\nprint(yaml.safe_dump(RunDir(run_dir).load_config()))")
+    for name in ("01_first", "02_second"):
+        nbformat.write(_notebook(show), notebooks / f"{name}.ipynb")
+    runs_root = tmp_path / "runs"
+    overrides = [("prediction.epochs", 1), ("maps.epochs", 1)]
+    assert cli(["run", "--preset", "quick", "--runs-root", str(runs_root),
+                "--notebooks", str(notebooks),
+                *[arg for key, value in overrides for arg in ("-p", key, str(value))]]) == 0
+    expected = runs_root / run_name(load_config("quick", overrides=overrides))
+    assert sorted(runs_root.iterdir()) == [runs_root / "quick", expected]
+    assert (runs_root / "quick").resolve() == expected.resolve()  # link to the latest run
+    assert RunDir(expected).load_config()["prediction"]["epochs"] == 1
+    # the executed notebooks got the new run folder and show the new value
+    for name in ("01_first", "02_second"):
+        shown = nbformat.read(expected / "notebooks" / f"{name}.ipynb", as_version=4)
+        printed = "".join(o.get("text", "") for c in shown.cells if c.cell_type == "code"
+                          for o in c.outputs)
+        assert str(expected.resolve()) in printed, name
+        assert "epochs: 1" in printed.split("prediction:")[1].split("\n\n")[0], name
+    # a second override of the same key gives a third folder; the link follows it
+    again = [("prediction.epochs", 2)]
+    assert cli(["run", "--preset", "quick", "--runs-root", str(runs_root),
+                "--notebooks", str(notebooks), "-p", "prediction.epochs", "2"]) == 0
+    third = runs_root / run_name(load_config("quick", overrides=again))
+    assert sorted(runs_root.iterdir()) == sorted([runs_root / "quick", expected, third])
+    assert (runs_root / "quick").resolve() == third.resolve()
+    assert RunDir(expected).load_config()["prediction"]["epochs"] == 1  # untouched
