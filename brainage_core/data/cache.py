@@ -1101,7 +1101,8 @@ def prepare_shard(
     ``flock`` may fail), writes the final ``images.npy`` once, with the kept subjects
     only (a skipped subject is simply not copied), and moves the cache into place with
     one :func:`os.replace`. The published cache is the one :func:`prepare_cohort` makes
-    from the same inputs, byte for byte.
+    from the same inputs, byte for byte. Publishing removes the shards' folders, and also
+    those left by an abandoned attempt with another number of shards.
 
     Parameters
     ----------
@@ -1201,7 +1202,8 @@ def _publish_shards(
                            [range(i, n, count) for i in range(count)], folder / QC_MEASURES)
         _publish(manifest, manifest_skipped, records, folder, final, template, params, key,
                  compacted=True)
-        for part in parts:
+        # this count's parts, and those of an abandoned attempt with another shard count
+        for part in {*parts, *cache_dir.glob(f"{key}.shard-*-of-*")}:
             shutil.rmtree(part, ignore_errors=True)
     finally:
         shutil.rmtree(claim, ignore_errors=True)

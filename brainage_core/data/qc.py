@@ -28,8 +28,8 @@ measure                  what it is                                             
 =======================  ==========================================================  ==============
 
 The reference cohort is the run's training split in ``predict`` and the cohort itself in
-``prepare``. The pose and orientation searches run (on an 8 mm grid, after an 8 mm smoothing; about 0.15 s)
-only for an image whose NCC is below 0.9 x the reference's median.
+``prepare``. The pose and orientation searches run (on an 8 mm grid, after an 8 mm
+smoothing; about 0.3 s) only for an image whose NCC is below 0.9 x the reference's median.
 
 Why a search and not an NCC threshold: the similarity of a clean image to the MNI template
 depends on the grid, the contrast, the noise and the individual anatomy. On the quick

@@ -42,10 +42,14 @@ def test_two_shards_publish_the_cache_of_one_process(tmp_path: Path) -> None:
     # a shard's part holds only its own rows: 3 of the 7 (rows 1, 3, 5)
     part = np.load(cache / names[0] / "images.npy", mmap_mode="r")
     assert part.shape[0] == 3
+    # an abandoned earlier attempt with 3 shards left a part behind
+    abandoned = cache / names[0].replace("shard-1-of-2", "shard-2-of-3")
+    abandoned.mkdir()
+    (abandoned / "done.tsv").write_text("index\treason\n")
     sharded = prepare_shard(load_bids(root), cache, shard=(0, 2), **kw)
     assert sharded is not None and sharded.root.name == whole.root.name
     _same_cache(whole.root, sharded.root)
-    assert [p.name for p in cache.iterdir()] == [whole.root.name]  # parts removed
+    assert [p.name for p in cache.iterdir()] == [whole.root.name]  # every part removed
     # a later call (any shard) finds the published cache
     again = prepare_shard(load_bids(root), cache, shard=(1, 2), **kw)
     assert again is not None and again.root == sharded.root
