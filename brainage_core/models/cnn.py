@@ -41,9 +41,14 @@ from brainage_core._utils.validation import (
 #: Output heads of :class:`BrainAgeCNN`.
 HEADS = ("regression", "soft_label")
 
-#: How the last feature map becomes a feature vector: SFCN's global average pool, or a
-#: flattening that keeps where in the brain a feature was found (the inputs are registered).
-POOLS = ("avg", "flatten")
+#: How the last feature map becomes a feature vector: SFCN's global average pool, an average
+#: over each octant of the grid (2 x 2 x 2 cells: the head knows left from right, front from
+#: back and top from bottom, not more), or a flattening that keeps where in the brain a
+#: feature was found (the inputs are registered).
+POOLS = ("avg", "octants", "flatten")
+
+#: Cells per axis of each pool's feature grid (``flatten``: the whole last feature map).
+POOL_CELLS = {"avg": 1, "octants": 2}
 
 #: Normalisation layers a block may use. ``"batch"`` is SFCN's choice; ``"group"`` and
 #: ``"instance"`` act per subject, so they behave identically for any batch split.
@@ -66,8 +71,9 @@ class BrainAgeCNN(nn.Module):
         Normalisation after each convolution.
     dropout : float, default=0.0
         Dropout probability before the head.
-    pool : {"avg", "flatten"}, default="avg"
-        Global average pooling of the last feature map (SFCN), or flattening it (the
+    pool : {"avg", "octants", "flatten"}, default="avg"
+        Global average pooling of the last feature map (SFCN), averaging over each of its
+        8 octants (the head sees coarsely where a feature lies), or flattening it (the
         head then sees where each feature lies; inputs are registered to the template).
     age_mean, age_std : float, default=60.0, 10.0
         Mean and standard deviation of the training ages (regression head): the head
@@ -135,6 +141,8 @@ class BrainAgeCNN(nn.Module):
         if pool == "flatten":
             final = [-(-s // 2 ** len(channels)) for s in input_shape]  # padded, then pooled
             in_ch *= final[0] * final[1] * final[2]
+        else:
+            in_ch *= POOL_CELLS[pool] ** 3
         if head == "regression":
             self.output = nn.Linear(in_ch, 1)
             bin_centers = torch.zeros(0)
@@ -176,8 +184,8 @@ class BrainAgeCNN(nn.Module):
             )
         h, _ = pad_to_multiple(x, 2 ** len(self.features))
         h = self.features(h)
-        if self.pool == "avg":
-            h = F.adaptive_avg_pool3d(h, 1)
+        if self.pool != "flatten":
+            h = F.adaptive_avg_pool3d(h, POOL_CELLS[self.pool])
         h = torch.flatten(h, 1)
         out = self.output(self.dropout(h))
         if self.head == "regression":

@@ -95,8 +95,9 @@ class TrainConfig:
         or 2 subjects makes batch statistics noisy. ``norm: group`` avoids the question.
     dropout : float, default=0.0
         Dropout before the head.
-    pool : {"avg", "flatten"}, default="avg"
-        Global average pool (SFCN) or flattening of the last feature map. The flattened,
+    pool : {"avg", "octants", "flatten"}, default="avg"
+        Global average pool (SFCN), an average per octant of the last feature map, or its
+        flattening. The flattened,
         location-specific head (the default until issue 11, chosen on the embedded cohort)
         did not learn on new one-region cohorts of 400 subjects: the validation MAE stayed
         at that of predicting the mean age for 13 epochs on an 8 mm putamen cohort (and

@@ -15,7 +15,7 @@ SHAPE = (12, 14, 12)
 
 @pytest.mark.parametrize("head", ["regression", "soft_label"])
 @pytest.mark.parametrize("norm", ["batch", "group", "instance", "none"])
-@pytest.mark.parametrize("pool", ["avg", "flatten"])
+@pytest.mark.parametrize("pool", ["avg", "octants", "flatten"])
 def test_forward_returns_one_age_in_years_per_subject(head, norm, pool):
     torch.manual_seed(0)
     model = BrainAgeCNN(SHAPE, channels=[4, 8], head=head, norm=norm, pool=pool,
@@ -93,6 +93,29 @@ def test_losses_are_zero_at_the_truth():
 def test_bad_parameters_give_clear_errors(kwargs, message):
     with pytest.raises(BrainAgeInputError, match=message):
         BrainAgeCNN(SHAPE, **{"channels": [4], **kwargs})
+
+
+def test_octants_tell_where_a_feature_is_and_the_global_pool_does_not():
+    """The same blob on the left or on the right: one age for the global pool, two for octants."""
+    torch.manual_seed(0)
+    left, right = torch.zeros(1, 1, *SHAPE), torch.zeros(1, 1, *SHAPE)
+    left[..., 2:5, 5:9, 4:8] = 1.0
+    right[..., SHAPE[0] - 5:SHAPE[0] - 2, 5:9, 4:8] = 1.0
+    ages = {}
+    for pool in ("avg", "octants"):
+        torch.manual_seed(0)
+        model = BrainAgeCNN(SHAPE, channels=[4, 8], pool=pool, norm="none").eval()
+        # a mirror-symmetric first layer: a blob and its mirror image give mirrored features
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim == 5:
+                    p.copy_((p + p.flip(2)) / 2)
+            ages[pool] = [float(model(x)) for x in (left, right)]
+    assert ages["avg"][0] == pytest.approx(ages["avg"][1], abs=1e-4)
+    assert abs(ages["octants"][0] - ages["octants"][1]) > 1e-3
+    # a grid that does not divide into octants evenly still pools (adaptive cells)
+    model = BrainAgeCNN((13, 15, 11), channels=[4, 8], pool="octants")
+    assert model(torch.zeros(2, 1, 13, 15, 11)).shape == (2,)
 
 
 def test_bad_input_shape_is_a_clear_error():
