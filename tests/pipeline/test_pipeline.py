@@ -230,7 +230,10 @@ def test_a_parameter_override_gives_a_separate_run(tmp_path):
         printed = "".join(o.get("text", "") for c in shown.cells if c.cell_type == "code"
                           for o in c.outputs)
         assert str(expected.resolve()) in printed, name
-        assert "epochs: 1" in printed.split("prediction:")[1].split("\n\n")[0], name
+        # the prediction section's own lines (indented), up to the next top-level key
+        section = printed.split("\nprediction:\n")[1].split("\n")
+        section = section[:next(i for i, line in enumerate(section) if not line.startswith(" "))]
+        assert "  epochs: 1" in section, name
     # a second override of the same key gives a third folder; the link follows it
     again = [("prediction.epochs", 2)]
     assert cli(["run", "--preset", "quick", "--runs-root", str(runs_root),
