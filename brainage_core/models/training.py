@@ -161,7 +161,7 @@ class TrainConfig:
         (2,100 steps) did (5.40 y).
     augment : dict, default={}
         :class:`~brainage_core.data.datasets.Augmentation` settings (``shift``, ``flip``,
-        ``noise``, ``intensity``), all off by default.
+        ``noise``, ``intensity``, ``erase``), all off by default.
     seed : int, default=0
         Seed of initialisation, shuffling and augmentation.
     device : str, default="auto"

@@ -171,6 +171,7 @@ def test_load_predictor_errors_name_the_file(tmp_path):
         ({"device": "tpu"}, "'device' must be 'auto', 'cpu' or 'cuda"),
         ({"augment": {"rotate": 5}}, r"unknown 'augment' key\(s\) \['rotate'\]"),
         ({"augment": {"flip": "yes"}}, "'augment.flip' must be true or false"),
+        ({"augment": {"erase": 1.5}}, r"'augment.erase' must lie in \[0, 1\]; 1.5"),
         ({"learning_rat": 0.1}, r"unknown 'prediction' key\(s\) \['learning_rat'\]"),
     ],
 )
@@ -194,6 +195,23 @@ def test_augmentation_is_seeded_by_epoch_and_index(cohort):
     assert not torch.equal(x0, ds[1][0])
     plain = CohortDataset(cohort, split="train")
     assert torch.equal(plain[1][0][0], torch.from_numpy(cohort.image(plain.indices[1])))
+
+
+def test_erase_removes_the_structure_of_one_box_and_keeps_its_mean():
+    # Issue 11: random erasing, so a predictor cannot lean on one cue alone.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((12, 15, 9)).astype(np.float32)
+    out = Augmentation(erase=1.0)(x, np.random.default_rng(1))
+    changed = out != x
+    box = [np.flatnonzero(changed.any(axis=tuple(a for a in range(3) if a != ax)))
+           for ax in range(3)]
+    assert [len(b) for b in box] == [4, 5, 3]  # a third of each axis
+    assert all(np.all(np.diff(b) == 1) for b in box)  # one contiguous box
+    inside = np.ix_(*box)
+    assert np.allclose(out[inside], x[inside].mean())  # structure gone, mean kept
+    assert np.array_equal(out[~changed], x[~changed])  # the rest untouched
+    assert np.array_equal(Augmentation(erase=0.0)(x, np.random.default_rng(1)), x)
+    assert Augmentation(erase=0.5).active
 
 
 def test_set_epoch_reaches_persistent_loader_workers(cohort):
