@@ -16,6 +16,11 @@ cortical (precentral thinning) and one ventricular effect alone (400 subjects ea
 oracle MAE, the ratios, whether the CNN learned, and the minutes. ``--cases`` picks rows,
 ``--n-scale`` shrinks every cohort (say so when you report such figures).
 
+``--reliance N`` also measures what the trained predictor reads (synthetic cohorts): N test
+subjects are rendered again with one planted effect aged by 10 years at a time
+(:func:`brainage_core.analysis.reliance.effect_reliance`), and each effect's share of the
+summed shifts is printed (and added to each ``--robustness`` row).
+
 ``--sweep`` first times the settings that matter on a CPU (data loading from the float16
 memmap against a float32 copy in memory, torch threads, ``channels_last_3d``, batch size)
 on the cohort's grid, and prints training subjects per second for each.
@@ -24,6 +29,7 @@ Usage::
 
     brainage-study bench predict [--n-subjects 1000] [--epochs 30] [--sweep]
     brainage-study bench predict --robustness [--cases putamen,cortex] [--n-scale 0.5]
+    brainage-study bench predict --reliance 16 -p prediction.augment '{"erase": 0.5}'
     python -m brainage_core.bench.predict --n-subjects 300 --epochs 5
     torchrun --nproc_per_node=2 -m brainage_core.bench.predict   # multi-GPU
 """
@@ -97,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"robustness cohorts, comma-separated (of {', '.join(ROBUSTNESS_CASES)})")
     p.add_argument("--n-scale", type=float, default=1.0,
                    help="multiply every robustness cohort's size (default 1)")
+    p.add_argument("--reliance", type=int, default=0, metavar="N",
+                   help="also measure what the predictor reads on N test subjects "
+                   "(synthetic cohorts; default 0: not measured)")
     return p
 
 
@@ -128,6 +137,8 @@ def run(args: Any = None) -> dict[str, Any]:
     cfg = TrainConfig.from_dict({"seed": config.get("seed", 0), **(config["prediction"] or {})})
     t0 = time.perf_counter()
     cohort = load_cohort(config["data"])
+    if opts.reliance:
+        _synthetic_root(cohort)  # before training, not after
     figures: dict[str, Any] = {
         "n_subjects": len(cohort), "grid": list(cohort.images.shape[1:]),
         "resolution_mm": cohort.resolution, "data_seconds": time.perf_counter() - t0,
@@ -167,6 +178,8 @@ def run(args: Any = None) -> dict[str, Any]:
         "train_minutes": train_seconds / 60.0,
         "peak_ram_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
     })
+    if opts.reliance:
+        figures["reliance"] = reliance_shares(result.model, cohort, opts.reliance)
     (out / "results.json").write_text(json.dumps(figures, indent=2, default=str) + "\n")
     _print_figures(figures)
     return figures
@@ -209,6 +222,9 @@ def run_robustness(opts: argparse.Namespace) -> dict[str, Any]:
                "beats_ridge": m["test_mae"] < m["baseline_mae"],
                "epochs": f"{len(result.history)}/{result.epochs_planned}",
                "train_min": minutes}
+        if opts.reliance:
+            shares = reliance_shares(result.model, cohort, opts.reliance)
+            row["reliance_%"] = "/".join(f"{100 * v:.0f}" for v in shares.values())
         rows.append(row)
         print("  ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
     print("\nrobustness (goal: CNN < ridge on every cohort; CNN <= 1.5 x oracle at n >= 400)")
@@ -218,6 +234,56 @@ def run_robustness(opts: argparse.Namespace) -> dict[str, Any]:
         print("| " + " | ".join(_fmt(v) for v in row.values()) + " |")
     sys.stdout.flush()
     return {"robustness": rows}
+
+
+def reliance_shares(model: torch.nn.Module, cohort: Cohort, n: int) -> dict[str, float]:
+    """Each planted effect's share of the predictor's response, printed as a table.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The trained predictor.
+    cohort : Cohort
+        A prepared synthetic cohort (its generator's settings are read from its source).
+    n : int
+        Test subjects to render again (the first ``n`` of the test split).
+
+    Returns
+    -------
+    dict
+        ``"<effect kind> (<regions>)"`` -> share of the summed single-effect shifts.
+
+    Raises
+    ------
+    BrainAgeInputError
+        When ``n`` is not positive or the cohort was not made by the generator.
+    """
+    from brainage_core._utils.validation import check_positive
+    from brainage_core.analysis.reliance import effect_reliance
+
+    check_positive("--reliance", n, integer=True)
+    root = _synthetic_root(cohort)
+    ids = cohort.table["participant_id"].to_numpy()[cohort.indices("test")[:n]]
+    table = effect_reliance(model, root, cohort.template, list(ids), progress=False)
+    print(f"what the predictor reads ({len(ids)} test subjects, each effect aged by "
+          "10 years alone):")
+    print(table[["effect", "kind", "mean_shift", "sd_shift", "share"]].to_string(index=False),
+          flush=True)
+    single = table[table["effect"] != "all"]
+    return {f"{k} ({r})": float(v) for k, r, v in
+            zip(single["kind"], single["regions"], single["share"], strict=True)}
+
+
+def _synthetic_root(cohort: Cohort) -> str:
+    """The generator's folder of a synthetic cohort; a clear error for any other cohort."""
+    from brainage_core._utils.validation import BrainAgeInputError
+
+    root = cohort.metadata.get("source_root")
+    if cohort.metadata.get("source") != "synthetic" or not root:
+        raise BrainAgeInputError("'--reliance' needs a synthetic cohort (the generator "
+                                 "re-renders each effect); this cohort's source is "
+                                 f"{cohort.metadata.get('source')!r}.")
+    return str(root)
 
 
 def _fmt(value: Any) -> str:
@@ -340,13 +406,17 @@ def _print_figures(f: dict[str, Any]) -> None:
 
 
 def _parse(args: Any) -> argparse.Namespace:
+    from brainage_core._utils.validation import check_positive
+
     if args is None:
         argv: list[str] = []
     elif isinstance(args, argparse.Namespace):
         argv = list(getattr(args, "extra", None) or [])
     else:
         argv = [str(a) for a in args]
-    return build_parser().parse_args(argv)
+    opts = build_parser().parse_args(argv)
+    check_positive("--reliance", opts.reliance, integer=True, allow_zero=True)
+    return opts
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -761,7 +761,7 @@ class _Trainer:
         if self.checkpoint is None or not self.checkpoint.exists() or not self.resume:
             return 0
         ckpt = _read_checkpoint(self.checkpoint, "cpu")
-        if ckpt["train_config"] != self._comparable_config() or ckpt["data"] != self.data_id:
+        if _settings_of(ckpt) != self._comparable_config() or ckpt["data"] != self.data_id:
             raise BrainAgeInputError(
                 "this checkpoint was written with other settings or data, so it cannot be "
                 "resumed; delete it or pass resume=False to start again "
@@ -782,6 +782,18 @@ class _Trainer:
         self.best_state = {k: v.to(self.device) for k, v in ckpt["state_dict"].items()}
         self.history = list(t["history"])
         return self.epoch
+
+
+def _settings_of(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's training settings, with an augmentation added since as switched off.
+
+    A checkpoint written before a new augmentation existed (``erase``, session 8) stored
+    the others only; the new one at its default (off) trains the same, so it may resume.
+    """
+    saved = dict(ckpt["train_config"])
+    if "augment" in saved:
+        saved["augment"] = Augmentation.from_dict(saved["augment"]).to_dict()
+    return saved
 
 
 def _read_checkpoint(path: str | os.PathLike, map_location: Any) -> dict[str, Any]:

@@ -149,6 +149,23 @@ def test_resuming_with_other_settings_is_a_clear_error(cohort, tmp_path):
                     checkpoint=tmp_path / "p.pt", resume=False, progress=False)
 
 
+def test_a_checkpoint_from_before_an_augmentation_existed_still_resumes(cohort, tmp_path):
+    # A run trained before 'augment.erase' existed stored the other augmentations only;
+    # with erase off it trains the same, so it must resume rather than be refused.
+    ds = cohort_datasets(cohort, TINY)
+    first = train_predictor({**TINY, "epochs": 1}, ds["train"], ds["val"],
+                            checkpoint=tmp_path / "p.pt", progress=False)
+    ckpt = torch.load(tmp_path / "p.pt", weights_only=False)
+    del ckpt["train_config"]["augment"]["erase"]
+    torch.save(ckpt, tmp_path / "p.pt")
+    again = train_predictor({**TINY, "epochs": 1}, ds["train"], ds["val"],
+                            checkpoint=tmp_path / "p.pt", progress=False)
+    assert again.history == first.history  # the finished run was read back, not redone
+    with pytest.raises(BrainAgeInputError, match="p.pt: .*other settings"):
+        train_predictor({**TINY, "epochs": 1, "augment": {"erase": 0.5}}, ds["train"],
+                        ds["val"], checkpoint=tmp_path / "p.pt", progress=False)
+
+
 def test_load_predictor_errors_name_the_file(tmp_path):
     with pytest.raises(BrainAgeInputError, match="missing.pt: no such checkpoint"):
         load_predictor(tmp_path / "missing.pt")
