@@ -93,7 +93,8 @@ def effect_reliance(
     n_effects = len(config.effects)
     # Scenario 0: as generated; 1..K: effect k aged by delta; K+1: every effect aged.
     shifts = np.zeros((n_effects + 1, len(rows)))
-    bar = tqdm(rows, desc="effect reliance", unit="subject", disable=not progress)
+    quiet = {} if progress else {"disable": True}  # else TQDM_DISABLE=1 silences it
+    bar = tqdm(rows, desc="effect reliance", unit="subject", **quiet)
     for j, (index, sex, ages) in enumerate(bar):
         scenarios = [ages]
         for k in range(n_effects):
