@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from brainage_core._utils.docs import fill_doc
+from brainage_core._utils.validation import BrainAgeInputError, check_positive
 from brainage_core.data.cohort import load_cohort
 from brainage_core.data.datasets import CohortDataset
 from brainage_core.data.protocol import Cohort
@@ -187,8 +188,6 @@ def run(args: Any = None) -> dict[str, Any]:
 
 def run_robustness(opts: argparse.Namespace) -> dict[str, Any]:
     """Train the preset's recipe on each robustness cohort; print and return the table."""
-    from brainage_core._utils.validation import BrainAgeInputError
-
     cases = [c.strip() for c in opts.cases.split(",") if c.strip()]
     unknown = sorted(set(cases) - set(ROBUSTNESS_CASES))
     if unknown:
@@ -258,7 +257,6 @@ def reliance_shares(model: torch.nn.Module, cohort: Cohort, n: int) -> dict[str,
     BrainAgeInputError
         When ``n`` is not positive or the cohort was not made by the generator.
     """
-    from brainage_core._utils.validation import check_positive
     from brainage_core.analysis.reliance import effect_reliance
 
     check_positive("--reliance", n, integer=True)
@@ -276,8 +274,6 @@ def reliance_shares(model: torch.nn.Module, cohort: Cohort, n: int) -> dict[str,
 
 def _synthetic_root(cohort: Cohort) -> str:
     """The generator's folder of a synthetic cohort; a clear error for any other cohort."""
-    from brainage_core._utils.validation import BrainAgeInputError
-
     root = cohort.metadata.get("source_root")
     if cohort.metadata.get("source") != "synthetic" or not root:
         raise BrainAgeInputError("'--reliance' needs a synthetic cohort (the generator "
@@ -406,8 +402,6 @@ def _print_figures(f: dict[str, Any]) -> None:
 
 
 def _parse(args: Any) -> argparse.Namespace:
-    from brainage_core._utils.validation import check_positive
-
     if args is None:
         argv: list[str] = []
     elif isinstance(args, argparse.Namespace):

@@ -88,7 +88,7 @@ class Augmentation:
     @property
     def active(self) -> bool:
         """Whether any augmentation is switched on."""
-        return bool(self.shift or self.flip or self.noise or self.intensity or self.erase)
+        return any(getattr(self, f.name) for f in fields(self))
 
     def __call__(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Return an augmented copy of the volume ``x`` (shape ``(X, Y, Z)``).

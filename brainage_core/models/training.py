@@ -785,15 +785,20 @@ class _Trainer:
 
 
 def _settings_of(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's training settings, with an augmentation added since as switched off.
+    """A checkpoint's training settings, completed with the defaults of settings added since.
 
-    A checkpoint written before a new augmentation existed (``erase``, session 8) stored
-    the others only; the new one at its default (off) trains the same, so it may resume.
+    A checkpoint stores the settings that existed when it was written. A setting added
+    later (``min_steps`` in session 6, ``augment.erase`` in session 8) takes its default,
+    which trains as before, so such a checkpoint still resumes; a saved setting that no
+    longer exists is kept, and then makes the comparison fail.
     """
     saved = dict(ckpt["train_config"])
-    if "augment" in saved:
-        saved["augment"] = Augmentation.from_dict(saved["augment"]).to_dict()
-    return saved
+    known = {f.name for f in fields(TrainConfig)}
+    full = TrainConfig.from_dict({k: v for k, v in saved.items() if k in known}).to_dict()
+    for key in RUNTIME_KEYS:
+        full.pop(key, None)
+    full.update({k: v for k, v in saved.items() if k not in known})
+    return full
 
 
 def _read_checkpoint(path: str | os.PathLike, map_location: Any) -> dict[str, Any]:

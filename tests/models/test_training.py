@@ -150,13 +150,15 @@ def test_resuming_with_other_settings_is_a_clear_error(cohort, tmp_path):
 
 
 def test_a_checkpoint_from_before_an_augmentation_existed_still_resumes(cohort, tmp_path):
-    # A run trained before 'augment.erase' existed stored the other augmentations only;
-    # with erase off it trains the same, so it must resume rather than be refused.
+    # A run trained before 'augment.erase' (or 'min_steps') existed stored the other
+    # settings only; with the new ones at their defaults it trains the same, so it must
+    # resume rather than be refused.
     ds = cohort_datasets(cohort, TINY)
     first = train_predictor({**TINY, "epochs": 1}, ds["train"], ds["val"],
                             checkpoint=tmp_path / "p.pt", progress=False)
     ckpt = torch.load(tmp_path / "p.pt", weights_only=False)
     del ckpt["train_config"]["augment"]["erase"]
+    del ckpt["train_config"]["min_steps"]
     torch.save(ckpt, tmp_path / "p.pt")
     again = train_predictor({**TINY, "epochs": 1}, ds["train"], ds["val"],
                             checkpoint=tmp_path / "p.pt", progress=False)
