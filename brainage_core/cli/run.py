@@ -15,6 +15,7 @@ from brainage_core.study.config import PRESETS, load_config, run_name
 SPELLING = {
     "on_error='skip'": "-p data.on_error skip",
     "age_range=(low, high)": "-p data.age_range '[LOW, HIGH]'",
+    "'until'": "'--until'",
 }
 
 DESCRIPTION = """\
@@ -106,6 +107,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
              "once naming it instead of waiting for it",
     )
     parser.add_argument(
+        "--until", metavar="STEP", default=None,
+        help="stop after this notebook (e.g. 01_data, 02_train); on a cluster the heavy "
+             "steps run between such partial runs under torchrun (README: GPUs and clusters)",
+    )
+    parser.add_argument(
         "--nproc", type=int, default=1, metavar="N",
         help="processes per node of the heavy steps (training, noise model, maps, method "
              "comparison): with "
@@ -148,6 +154,7 @@ def main(args: argparse.Namespace) -> int:
             force=args.force,
             progress=sys.stderr.isatty(),
             wait=not args.no_wait,
+            until=args.until,
         )
     except StepFailed as err:
         message = str(err)

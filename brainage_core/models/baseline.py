@@ -122,7 +122,13 @@ class RidgeBaseline:
     def predict(self, cohort: Cohort, indices: Any = None) -> np.ndarray:
         """Predicted ages of cohort subjects (all of them, in cache order, by default)."""
         idx = np.arange(len(cohort.table)) if indices is None else np.asarray(indices)
-        return self.model.predict(self.features(cohort, idx)).astype(np.float64)
+        # In blocks of CHUNK subjects: the features of a whole 1 mm cohort (and their
+        # float64 standardised copy) would not fit in memory.
+        out = np.empty(len(idx), dtype=np.float64)
+        for start in range(0, len(idx), CHUNK):
+            block = idx[start:start + CHUNK]
+            out[start:start + CHUNK] = self.model.predict(self.features(cohort, block))
+        return out
 
 
 def fit_ridge_baseline(

@@ -196,7 +196,9 @@ class BrainAgeCNN(nn.Module):
         """Convert :meth:`raw` output to ages in years, shape ``(N,)``."""
         if self.head == "regression":
             return raw.float() * self.age_std + self.age_mean
-        return raw.exp() @ self.bin_centers
+        # Outside autocast: a bfloat16 matmul would round ages of 64-128 y to 0.5 y.
+        with torch.autocast(raw.device.type, enabled=False):
+            return raw.float().exp() @ self.bin_centers.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Predict ages in years.

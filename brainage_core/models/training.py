@@ -610,13 +610,13 @@ class _Trainer:
                 "sync_batchnorm is false): each process normalises its own share of the "
                 "batch, so the result depends on the number of processes; norm 'group' "
                 "does not.", stacklevel=2)
-        if self.progress and self.ctx.is_main and self.ctx.distributed:
+        if self.ctx.is_main and self.ctx.distributed:  # also when quiet: one line
             print(f"global batch {self.global_batch} = {self.per_rank_batch} per process x "
                   f"{self.ctx.world_size} processes on {self.device.type}"
                   + (" (SyncBatchNorm)" if synced else "")
                   + f", {self.num_workers} loader worker(s) per process", flush=True)
         quiet = {} if self.progress and self.ctx.is_main else {"disable": True}
-        if self.progress and self.ctx.is_main and self.stretch > 1:
+        if self.ctx.is_main and self.stretch > 1 and (self.progress or self.ctx.distributed):
             print(f"min_steps {self.cfg.min_steps}: {self.epochs} epochs of "
                   f"{self.steps_per_epoch} steps instead of {self.cfg.epochs} "
                   f"(patience {self.patience})", flush=True)
@@ -761,14 +761,31 @@ class _Trainer:
         if self.checkpoint is None or not self.checkpoint.exists() or not self.resume:
             return 0
         ckpt = _read_checkpoint(self.checkpoint, "cpu")
-        if _settings_of(ckpt) != self._comparable_config() or ckpt["data"] != self.data_id:
+        saved, mine = _settings_of(ckpt), self._comparable_config()
+        t = ckpt["training"]
+        if self.cfg.batch_scope == "per_process" and saved.get("batch_size") != mine["batch_size"]:
+            # Per process, the global batch is the setting times the processes that trained:
+            # a finished run is read back with any number of processes (its result does not
+            # change), an unfinished one only continues with the same global batch.
+            writers = int(t["history"][-1].get("processes", 1)) if t["history"] else 1
+            if saved.get("batch_size") == self.cfg.batch_size * writers:
+                if not t["finished"]:
+                    raise BrainAgeInputError(
+                        f"this checkpoint was written by {writers} process(es) with "
+                        f"batch_scope 'per_process' (global batch {saved['batch_size']}); "
+                        f"{self.ctx.world_size} process(es) would train with a global batch "
+                        f"of {mine['batch_size']}, so resume it with {writers} process(es), "
+                        "or start again with resume=False.",
+                        self.checkpoint,
+                    )
+                saved["batch_size"] = mine["batch_size"]
+        if saved != mine or ckpt["data"] != self.data_id:
             raise BrainAgeInputError(
                 "this checkpoint was written with other settings or data, so it cannot be "
                 "resumed; delete it or pass resume=False to start again "
                 f"(saved settings {ckpt['train_config']}, data {ckpt['data']}).",
                 self.checkpoint,
             )
-        t = ckpt["training"]
         self.model.load_state_dict(t["model"])
         self.optimizer.load_state_dict(t["optimizer"])
         self.scheduler.load_state_dict(t["scheduler"])

@@ -401,6 +401,7 @@ def run_pipeline(
     code_version: str | None = None,
     package_dir: str | os.PathLike = PACKAGE_DIR,
     wait: bool | None = None,
+    until: str | None = None,
 ) -> PipelineResult:
     """Execute the study notebooks for ``config`` into a run folder.
 
@@ -432,6 +433,10 @@ def run_pipeline(
         When another pipeline uses the run folder: wait for it (True) or raise
         :class:`~brainage_core._utils.locks.LockBusy` naming it (False). None waits unless
         the environment variable ``BRAINAGE_LOCK_WAIT`` is ``"0"`` (``--no-wait``).
+    until : str or None, default=None
+        Stop after this step (its name, e.g. ``"02_train"``); None runs every step. On a
+        cluster the heavy steps run between such partial runs, under ``torchrun``
+        (:mod:`brainage_core.study.launch`), and the next run only loads their results.
 
     Returns
     -------
@@ -449,6 +454,12 @@ def run_pipeline(
         On Ctrl-C; the step is recorded as ``interrupted``.
     """
     steps = discover_steps(notebook_dir)
+    if until is not None:
+        names = [step.name for step in steps]
+        if until not in names:
+            raise BrainAgeInputError(f"'until' must be one of the steps {names}; "
+                                     f"{until!r} was given.")
+        steps = steps[: names.index(until) + 1]
     target = Path(run_dir) if run_dir is not None else Path(runs_root) / run_name(config)
     check_output_folder(target, "run folder")
     target.mkdir(parents=True, exist_ok=True)

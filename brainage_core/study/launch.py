@@ -106,16 +106,32 @@ def launch_step(step: str, run_dir: str | os.PathLike,
     if n <= 1:
         return False
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    done = subprocess.run(
-        torchrun_command(n, ["brainage_core.study.launch", step, str(run_dir),
-                             "--overrides", json.dumps(overrides)]),
-        env=torchrun_env(), capture_output=True, text=True, check=False)
+    log = launch_log(run_dir, step)
+    print(f"{step}: {n} processes (torchrun); their output goes to {log}", flush=True)
+    with open(log, "w", encoding="utf-8") as out:  # streamed: `tail -f` shows a long step
+        done = subprocess.run(
+            torchrun_command(n, ["brainage_core.study.launch", step, str(run_dir),
+                                 "--overrides", json.dumps(overrides)]),
+            env=torchrun_env(), stdout=out, stderr=subprocess.STDOUT, text=True, check=False)
+    text = log.read_text(encoding="utf-8", errors="replace")
     if done.returncode != 0:
-        tail = (done.stdout + done.stderr)[-3000:]
-        raise BrainAgeInputError(f"torchrun of step '{step}' on {n} processes failed:\n{tail}",
-                                 run_dir)
-    print(f"{step}: {n} processes (torchrun)")
+        raise BrainAgeInputError(
+            f"torchrun of step '{step}' on {n} processes failed (log {log}):\n{text[-3000:]}",
+            run_dir)
+    summary = [line for line in text.splitlines() if line.startswith(SUMMARY_PREFIXES)]
+    print("\n".join([*summary, f"{step}: done"]))
     return True
+
+
+#: Lines of a launched step's log that the notebook repeats (the rest stays in the log).
+SUMMARY_PREFIXES = ("global batch", "min_steps")
+
+
+def launch_log(run_dir: str | os.PathLike, step: str) -> Path:
+    """``RUN_DIR/logs/launch-<step>.log``: the output of a step run under ``torchrun``."""
+    folder = Path(run_dir) / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"launch-{step}.log"
 
 
 def torchrun_command(processes: int, module_args: Sequence[str]) -> list[str]:

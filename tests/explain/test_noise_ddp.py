@@ -7,9 +7,11 @@ processes, the fit equals the single-process fit up to floating-point reduction 
 Weights are not compared: the biases of convolutions followed by instance normalisation
 have no effect and a gradient of rounding size, which Adam scales up to full steps, so
 they drift apart by up to 0.04 without changing any output. The outputs are compared.
-Tolerance: per-epoch training and validation figures within a relative 1e-4, maps within
-0.01 (absolute, maps in [0, 1]). Measured: 4e-5 and 0.003 (mean 0.0002), against 0.23
-(mean 0.02) between two single-process fits with different seeds.
+Tolerance: per-epoch training and validation figures within a relative 1e-3, maps within
+0.01 (absolute, maps in [0, 1]). Measured: 4e-5 and 0.003 (mean 0.0002) on one machine,
+1.6e-4 (the second epoch's loss) on an AMD EPYC: the first epoch agrees to 6e-7, and
+Adam carries the rounding of the reduction order into the second. Two single-process
+fits with different seeds differ by 0.23 (mean 0.02) on the maps.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def test_two_gloo_processes_fit_the_single_process_noise_model(tmp_path):
     data = make_data(24, seed=0)
     ddp = NoiseMapExplainer.load(checkpoint, RegionPredictor(data.truth), mask=data.brain)
     for key in ("loss", "task", "mean_b", "val_objective"):
-        assert np.allclose(ddp.history_[key], single.history_[key], rtol=1e-4, atol=0), key
+        assert np.allclose(ddp.history_[key], single.history_[key], rtol=1e-3, atol=0), key
     assert ddp.best_epoch == single.best_epoch and ddp.epochs_trained == 2
     assert torch.equal(ddp.reference, single.reference)  # the whole training set's mean
     assert torch.allclose(single.reference[0, 0], data.images[:16].mean(0)[0], atol=1e-6)

@@ -112,6 +112,21 @@ def test_resume_replays_an_uninterrupted_fit(data, tmp_path):
     assert list(tmp_path.iterdir()) == [ckpt]  # no temporary files left behind
 
 
+def test_a_finished_fit_leaves_its_checkpoint_untouched(data, tmp_path):
+    # The maps record the checkpoint's digest: fitting again a finished model (notebook 03
+    # after a launched step, or re-run) must not rewrite it, or every map is made again.
+    train, val = (data.images[:8], data.ages[:8]), (data.images[8:12], data.ages[8:12])
+    kwargs = {"batch_size": 4, "lr": 1e-2, "progress": False, "epochs": 2}
+    ckpt = tmp_path / "noise_model.pt"
+    first = make_explainer(data, channels=2).fit(train, val, checkpoint_path=ckpt, **kwargs)
+    before = (ckpt.read_bytes(), ckpt.stat().st_mtime_ns)
+    again = make_explainer(data, channels=2).fit(train, val, checkpoint_path=ckpt, **kwargs)
+    assert (ckpt.read_bytes(), ckpt.stat().st_mtime_ns) == before
+    assert again.best_epoch == first.best_epoch
+    for k, v in first.noise_model.state_dict().items():
+        assert torch.equal(v, again.noise_model.state_dict()[k]), k
+
+
 def test_resume_refuses_a_checkpoint_with_other_settings(data, tmp_path):
     ckpt = tmp_path / "noise_model.pt"
     make_explainer(data, channels=2).fit(

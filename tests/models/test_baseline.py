@@ -40,6 +40,25 @@ def test_ridge_recovers_a_planted_linear_signal():
     assert baseline.predict(cohort).shape == (60,)
 
 
+def test_prediction_runs_in_blocks_and_keeps_the_order(monkeypatch):
+    # Issue 16, item 7: a 1 mm cohort's features do not fit in memory at once, so the
+    # baseline predicts CHUNK subjects at a time; the ages are those of one whole pass,
+    # in the order asked for (up to float32 rounding of a block's products).
+    from brainage_core.models import baseline as baseline_mod
+
+    cohort = FakeCohort(n=40, seed=3, noise=0.3)
+    fitted = fit_ridge_baseline(cohort, factor=2)
+    order = np.random.default_rng(0).permutation(40)
+    whole = fitted.model.predict(fitted.features(cohort, order))
+    calls = []
+    real_features = fitted.features
+    monkeypatch.setattr(baseline_mod, "CHUNK", 7)
+    monkeypatch.setattr(fitted, "features",
+                        lambda c, idx: calls.append(len(idx)) or real_features(c, idx))
+    np.testing.assert_allclose(fitted.predict(cohort, order), whole, rtol=0, atol=1e-4)
+    assert calls == [7, 7, 7, 7, 7, 5]
+
+
 def test_baseline_needs_training_subjects():
     cohort = FakeCohort(n=10)
     with pytest.raises(BrainAgeInputError, match="split 'nope'"):

@@ -40,6 +40,22 @@ def test_regression_head_rescales_standardised_output():
     assert torch.allclose(model.to_years(raw), torch.tensor([60.0, 70.0, 40.0]))
 
 
+@pytest.mark.parametrize("head", ["regression", "soft_label"])
+def test_ages_are_float32_under_mixed_precision(head):
+    # On a GPU the forward pass runs under bfloat16 autocast; the ages must come out in
+    # float32 at full precision (a bfloat16 expectation over bins of 64-128 y rounds to
+    # 0.5 y). CPU autocast applies the same rules to the matmul.
+    torch.manual_seed(0)
+    model = BrainAgeCNN(SHAPE, channels=[4], head=head, age_mean=63.0, age_std=9.0,
+                        age_range=(40, 90)).eval()
+    raw = model.raw(torch.randn(4, 1, *SHAPE))
+    exact = model.to_years(raw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.to_years(raw)
+    assert mixed.dtype == torch.float32
+    assert torch.allclose(mixed, exact, atol=1e-4)
+
+
 def test_forward_is_pure_and_differentiable_wrt_input():
     torch.manual_seed(0)
     model = BrainAgeCNN(SHAPE, channels=[4, 8], norm="batch").eval()

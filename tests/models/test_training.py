@@ -168,6 +168,39 @@ def test_a_checkpoint_from_before_an_augmentation_existed_still_resumes(cohort, 
                         ds["val"], checkpoint=tmp_path / "p.pt", progress=False)
 
 
+def test_a_finished_per_process_run_of_n_processes_is_read_back_by_one(cohort, tmp_path):
+    # With batch_scope 'per_process' the checkpoint stores the global batch (setting x
+    # processes). After `run --nproc N` trains, notebook 02 reads the result back in one
+    # process: a finished run must load, an unfinished one must not continue with another
+    # global batch.
+    ds = cohort_datasets(cohort, TINY)
+    cfg = {**TINY, "epochs": 1, "batch_scope": "per_process"}
+    first = train_predictor(cfg, ds["train"], ds["val"], checkpoint=tmp_path / "p.pt",
+                            progress=False)
+    ckpt = torch.load(tmp_path / "p.pt", weights_only=False)
+    ckpt["train_config"]["batch_size"] = 2 * cfg["batch_size"]  # as 2 processes write it
+    for row in ckpt["training"]["history"]:
+        row["processes"] = 2
+    torch.save(ckpt, tmp_path / "p.pt")
+    again = train_predictor(cfg, ds["train"], ds["val"], checkpoint=tmp_path / "p.pt",
+                            progress=False)
+    assert [r["val_mae"] for r in again.history] == [r["val_mae"] for r in first.history]
+    _assert_same_weights(_weights(again.model), _weights(first.model))
+    ckpt["training"]["finished"] = False
+    torch.save(ckpt, tmp_path / "p.pt")
+    with pytest.raises(BrainAgeInputError, match=r"p.pt: .*written by 2 process\(es\).*"
+                       r"resume it with 2"):
+        train_predictor(cfg, ds["train"], ds["val"], checkpoint=tmp_path / "p.pt",
+                        progress=False)
+    # Any other difference is still refused, finished or not.
+    ckpt["training"]["finished"] = True
+    ckpt["train_config"]["batch_size"] = 3 * cfg["batch_size"]
+    torch.save(ckpt, tmp_path / "p.pt")
+    with pytest.raises(BrainAgeInputError, match="p.pt: .*other settings"):
+        train_predictor(cfg, ds["train"], ds["val"], checkpoint=tmp_path / "p.pt",
+                        progress=False)
+
+
 def test_load_predictor_errors_name_the_file(tmp_path):
     with pytest.raises(BrainAgeInputError, match="missing.pt: no such checkpoint"):
         load_predictor(tmp_path / "missing.pt")

@@ -8,6 +8,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from brainage_core._utils.validation import BrainAgeInputError
 from brainage_core.pipeline.runner import (
     NOTEBOOK_DIR,
     PACKAGE_DIR,
@@ -84,6 +85,23 @@ def test_editing_a_plot_reruns_only_the_steps_that_use_it(notebooks, package, tm
     template_py = package / "data" / "template.py"
     template_py.write_text(template_py.read_text() + "\n# a changed template\n")
     assert _run(config, run_dir, notebooks, package) == ["01_data", "02_plot", "03_maps"]
+
+
+def test_until_stops_after_a_step_and_the_next_run_goes_on(notebooks, package, tmp_path):
+    # The cluster recipe: run up to a step, run the heavy steps under torchrun, then run
+    # the rest; the steps already done are not run again.
+    config = load_config("quick")
+    run_dir = tmp_path / "run"
+    first = run_pipeline(config, run_dir, notebook_dir=notebooks, progress=False,
+                         log=lambda _: None, package_dir=package, until="01_data")
+    assert first.ran == ["01_data"]
+    assert (run_dir / "order.txt").read_text().split() == ["01_data"]
+    assert _run(config, run_dir, notebooks, package) == ["02_plot", "03_maps"]
+    with pytest.raises(BrainAgeInputError, match="'until' must be one of the steps "
+                       r"\['01_data', '02_plot', '03_maps'\]; '02_train' was given"):
+        run_pipeline(config, tmp_path / "other", notebook_dir=notebooks, progress=False,
+                     log=lambda _: None, package_dir=package, until="02_train")
+    assert not (tmp_path / "other").exists()  # nothing made for a bad argument
 
 
 def test_the_study_notebooks_declare_their_sections_and_needs():

@@ -1,4 +1,5 @@
-"""Step 06 under ``torchrun``: 2 gloo processes write the comparison of 1 process.
+"""Step 06 under ``torchrun``: 2 gloo processes write the comparison of 1 process; and
+the cluster recipe (train and maps under ``torchrun``, read back by one process).
 
 Each process explains and scores its share of the compared subjects (every random draw
 seeded by the subject's position), the noise model's sanity refits are trained by both
@@ -28,7 +29,9 @@ import torch
 from helpers.runs import make_trained_run
 from helpers.synth import TINY_CONFIG
 
+from brainage_core.data.cohort import load_cohort
 from brainage_core.data.synth import SynthConfig, generate_cohort
+from brainage_core.models.training import cohort_datasets, train_predictor
 from brainage_core.study import compare, explain
 from brainage_core.study.launch import launch_step
 from brainage_core.study.maps import NOISE, MapsStudy
@@ -114,3 +117,41 @@ def test_two_torchrun_processes_write_the_comparison_of_one(compare_run, tmp_pat
     metrics = RunDir(two).read_metrics()["maps"]
     assert metrics["smoothgrad"]["deletion_auc"] == pytest.approx(
         float(a.loc["smoothgrad", "deletion_auc"]), abs=1e-4)
+
+
+def test_the_cluster_recipe_train_and_maps_under_torchrun_then_one_process_reads_them(
+        compare_run, tmp_path):
+    # README "GPUs and clusters": the heavy steps run under torchrun between partial runs;
+    # the notebooks, in one process, then find finished work and only load it. Training
+    # on 2 processes with batch_scope 'per_process' stores a global batch twice the
+    # setting, which one process must still read back.
+    run = RunDir(shutil.copytree(compare_run.root, tmp_path / "run"))
+    config = run.load_config()
+    config["prediction"] = {**config["prediction"], "batch_scope": "per_process",
+                            "batch_size": 1}
+    config["maps"] = dict(MAPS)
+    run.write_config(config)
+    run.predictor_checkpoint.unlink()
+    assert launch_step("train", run.root, processes=2) is True
+    log = (run.root / "logs" / "launch-train.log").read_text()
+    assert "global batch 2 = 1 per process x 2 processes on cpu" in log
+    written = torch.load(run.predictor_checkpoint, weights_only=False)
+    assert written["training"]["finished"] and written["train_config"]["batch_size"] == 2
+
+    cohort = load_cohort(config["data"], progress=False, n_jobs=1)
+    data = cohort_datasets(cohort, config["prediction"])
+    stamp = run.predictor_checkpoint.stat().st_mtime_ns
+    again = train_predictor(config["prediction"], data["train"], data["val"],
+                            checkpoint=run.predictor_checkpoint, progress=False)
+    assert again.history == written["training"]["history"]  # read back, not trained again
+    assert run.predictor_checkpoint.stat().st_mtime_ns == stamp
+
+    assert launch_step("maps", run.root, processes=2) is True
+    study = MapsStudy.open(run.root, progress=False)
+    paths = [run.subject_map(pid) for pid in study.participant_ids(study.indices("test"))]
+    assert len(paths) == 3 and all(p.is_file() for p in paths)  # both shards wrote theirs
+    stamps = [p.stat().st_mtime_ns for p in paths + [run.noise_checkpoint]]
+    fit = explain.fit_noise_model(study, progress=False)
+    index = explain.write_subject_maps(study, fit.explainer, progress=False)
+    assert [p.stat().st_mtime_ns for p in paths + [run.noise_checkpoint]] == stamps
+    assert len(index) == 3 and run.table("subject_maps").is_file()

@@ -283,6 +283,7 @@ class NoiseMapExplainer(NoiseObjective):
         loop = _TrainLoop(net=net, optimiser=optimiser, scaler=scaler, amp_dtype=dtype,
                           batch_size=batch_size, num_workers=num_workers, rank=rank,
                           world_size=world)
+        first_epoch = self.epochs_trained
         bar = tqdm(
             range(self.epochs_trained, epochs),
             total=epochs,
@@ -312,9 +313,12 @@ class NoiseMapExplainer(NoiseObjective):
         bar.close()
         if self._best is not None:
             # keep the epoch with the best validation objective, not the last one
+            done = self.epochs_trained == first_epoch and self.best_epoch == self._best[1]
             self.noise_model.load_state_dict(self._best[2])
             self.best_epoch = self._best[1]
-            if checkpoint_path is not None:
+            # A finished checkpoint that already holds it is left untouched: rewriting it
+            # would change its digest, and every map that records it would be made again.
+            if checkpoint_path is not None and not done:
                 self._save_on_rank0(checkpoint_path, optimiser, rank, world)
         self.noise_model.eval()
         return self
@@ -351,9 +355,11 @@ class NoiseMapExplainer(NoiseObjective):
         for batch in loader:
             x, ages = split_item(batch)
             x = x.to(self.device, non_blocking=True)
-            targets = self._targets(x, ages)
             with torch.autocast(self.device.type, dtype=loop.amp_dtype,
                                 enabled=loop.amp_dtype is not None):
+                # The target f(x) in the precision of f(x~): in float32 against a bfloat16
+                # f(x~), their rounding gap alone would be a floor on the task loss.
+                targets = self._targets(x, ages)
                 logits = self._logits(x, loop.net)
                 task, reg, b = self._loss(x, logits.float(), targets, noise)
             task, reg = task.float(), reg.float()
