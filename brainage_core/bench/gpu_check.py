@@ -2,7 +2,7 @@
 
 ::
 
-    python -m brainage_core.bench.gpu_check                 # 1 mm, 16 subjects, cuda
+    python -m brainage_core.bench.gpu_check                 # 1 mm, 86 subjects, cuda
     python -m brainage_core.bench.gpu_check --resolution 2 --n-subjects 64
     python -m brainage_core.bench.gpu_check --device cpu --resolution 8   # a smoke test
 
@@ -24,6 +24,7 @@ reported in the README's GPU section; none has been measured on a GPU yet.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -64,11 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="paper", help="networks and batch sizes (default: paper)")
     p.add_argument("--resolution", type=int, default=1, help="grid in mm (default: 1)")
-    p.add_argument("--n-subjects", type=int, default=16, help="random subjects (default: 16)")
+    p.add_argument("--n-subjects", type=int, default=None,
+                   help="random subjects (default: two full training batches of the preset "
+                        "per process, a quarter more for validation: 86 for paper)")
     p.add_argument("--device", default="cuda", help="cuda (default), cuda:N, cpu or auto")
     p.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                    help="override a config key, e.g. -p prediction.batch_size 4")
     return p
+
+
+def default_subjects(batch_size: int) -> int:
+    """Subjects for two full training batches, plus the quarter :class:`RandomCohort`
+    keeps for validation, so the peak memory is that of the batch the preset trains with."""
+    return max(16, math.ceil(2 * batch_size * 4 / 3))
 
 
 def run(args: Any = None) -> pd.DataFrame:
@@ -82,13 +91,14 @@ def run(args: Any = None) -> pd.DataFrame:
                                    "device": str(device), "min_epochs": 0})
     maps = MapsConfig.from_dict(config.get("maps"), seed=config.get("seed", 0))
     shape = load_template(ns.resolution).shape
-    cohort = RandomCohort(ns.n_subjects, shape)
+    n_subjects = ns.n_subjects or default_subjects(train.batch_size)
+    cohort = RandomCohort(n_subjects, shape)
     dtype = amp_dtype(device, train.amp)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         cap = torch.cuda.get_device_capability(device)
         print(f"{name}, compute capability {cap[0]}.{cap[1]}; mixed precision: {dtype}")
-    print(f"grid {ns.resolution} mm {shape}, {ns.n_subjects} random subjects, preset "
+    print(f"grid {ns.resolution} mm {shape}, {n_subjects} random subjects, preset "
           f"{ns.preset}")
     rows = []
     state: dict[str, Any] = {}

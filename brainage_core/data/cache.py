@@ -51,6 +51,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -1222,7 +1223,17 @@ def _claim(claim: Path) -> bool:
                 holder = LockHolder(**json.loads((claim / "holder.json").read_text("utf-8")))
             except (OSError, ValueError, TypeError):
                 return False  # being created just now, or unreadable: leave it
-            if holder.is_alive() is not False:
+            alive = holder.is_alive()
+            if alive is not False:
+                # Publishing now, or a holder on another host that cannot be checked from
+                # here: if that job is gone, nobody else will publish; say how to go on.
+                warnings.warn(
+                    f"{claim}: the cache is being published by {holder.describe()}"
+                    + ("" if alive else "; that host cannot be checked from here")
+                    + ". If that process is gone, remove this folder and run any shard "
+                    "again: it publishes the cache from the finished shards.",
+                    stacklevel=3,
+                )
                 return False
             shutil.rmtree(claim, ignore_errors=True)  # its holder died: take over
             continue

@@ -68,7 +68,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             return torch.device("cpu")
         device = "cuda"
     if device == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else None
+        if visible is not None and local_rank >= visible:  # no GPU at all: init's error
+            raise BrainAgeInputError(
+                f"process of LOCAL_RANK {local_rank} has no GPU of its own: this node shows "
+                f"{visible} GPU(s) (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most "
+                f"{visible} process(es) per node (--nproc / --nproc_per_node).")
+        return torch.device("cuda", local_rank)
     return torch.device(device)
 
 

@@ -55,6 +55,30 @@ def test_two_shards_publish_the_cache_of_one_process(tmp_path: Path) -> None:
     assert again is not None and again.root == sharded.root
 
 
+def test_a_publication_claimed_on_another_host_says_how_to_go_on(tmp_path: Path) -> None:
+    # A claim whose holder runs on another host cannot be checked from here: if that job
+    # died, no shard would ever publish. The shard says so, naming the folder; once the
+    # folder is removed, running a shard again publishes the cache.
+    root = make_bids(tmp_path / "ds", n=4)
+    kw = {"resolution": RES, "progress": False, "n_jobs": 1}
+    cache = tmp_path / "sharded"
+    assert prepare_shard(load_bids(root), cache, shard=(0, 2), **kw) is None
+    key = next(cache.iterdir()).name.split(".", 1)[0]
+    claim = cache / f"{key}.publishing"
+    claim.mkdir()
+    (claim / "holder.json").write_text(json.dumps({
+        "pid": 1, "host": "node-17.cluster", "command": "brainage-study prepare",
+        "started": "2026-12-01T00:00:00+00:00"}))
+    with pytest.warns(UserWarning, match=r"\.publishing: the cache is being published by "
+                      r"pid 1 on node-17\.cluster .*remove this folder and run any shard"):
+        assert prepare_shard(load_bids(root), cache, shard=(1, 2), **kw) is None
+    for item in claim.iterdir():
+        item.unlink()
+    claim.rmdir()
+    published = prepare_shard(load_bids(root), cache, shard=(1, 2), **kw)
+    assert published is not None and published.root.name == key
+
+
 def _cli_shard(args: list[str], index: int, start, outs) -> None:
     """``brainage-study prepare ... --shard INDEX 2``, started with the other shard."""
     buffer = io.StringIO()

@@ -12,11 +12,17 @@ from brainage_core.models.distributed import DistContext, amp_dtype, gather_shar
 
 def test_each_torchrun_process_takes_the_gpu_of_its_local_rank(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert resolve_device("auto") == torch.device("cuda", 3)
     assert resolve_device("cuda") == torch.device("cuda", 3)
     assert resolve_device("cuda:1") == torch.device("cuda", 1)  # explicit wins
     assert resolve_device("cpu") == torch.device("cpu")
+    # more processes on the node than GPUs: one clear error, not a CUDA one later
+    monkeypatch.setenv("LOCAL_RANK", "4")
+    with pytest.raises(BrainAgeInputError, match="LOCAL_RANK 4 has no GPU of its own: this "
+                       "node shows 4 GPU"):
+        resolve_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
 
