@@ -129,9 +129,9 @@ SUMMARY_PREFIXES = ("global batch", "min_steps")
 
 def launch_log(run_dir: str | os.PathLike, step: str) -> Path:
     """``RUN_DIR/logs/launch-<step>.log``: the output of a step run under ``torchrun``."""
-    folder = Path(run_dir) / "logs"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"launch-{step}.log"
+    from brainage_core.study.rundir import RunDir
+
+    return RunDir(run_dir).logs / f"launch-{step}.log"
 
 
 def torchrun_command(processes: int, module_args: Sequence[str]) -> list[str]:

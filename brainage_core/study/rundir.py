@@ -110,6 +110,11 @@ class RunDir:
     def figures(self) -> Path:
         return self.subdir("figures")
 
+    @property
+    def logs(self) -> Path:
+        """``logs/``: the output of the steps run under ``torchrun`` (``launch-<step>.log``)."""
+        return self.subdir("logs")
+
     # -- named artefacts ------------------------------------------------------------------
     @property
     def predictor_checkpoint(self) -> Path:
