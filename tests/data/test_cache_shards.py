@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import multiprocessing as mp
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -72,9 +73,7 @@ def test_a_publication_claimed_on_another_host_says_how_to_go_on(tmp_path: Path)
     with pytest.warns(UserWarning, match=r"\.publishing: the cache is being published by "
                       r"pid 1 on node-17\.cluster .*remove this folder and run any shard"):
         assert prepare_shard(load_bids(root), cache, shard=(1, 2), **kw) is None
-    for item in claim.iterdir():
-        item.unlink()
-    claim.rmdir()
+    shutil.rmtree(claim)  # what the warning tells the user to do
     published = prepare_shard(load_bids(root), cache, shard=(1, 2), **kw)
     assert published is not None and published.root.name == key
 
