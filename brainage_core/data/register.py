@@ -112,7 +112,9 @@ def register_to_template(img: nib.Nifti1Image, name: str | os.PathLike = "<image
     name : str or os.PathLike, default="<image>"
         File named in errors.
     seed : int, default=0
-        Seed of the metric's random sampling (registration is deterministic for a seed).
+        Seed of the metric's random sampling: the same image and seed give the same
+        transform. SimpleITK reads a seed of 0 as "seed from the wall clock", so it is
+        given ``seed + 1``.
 
     Raises
     ------
@@ -121,6 +123,8 @@ def register_to_template(img: nib.Nifti1Image, name: str | os.PathLike = "<image
     """
     import SimpleITK as sitk
 
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise BrainAgeInputError(f"'seed' must be an integer >= 0; {seed!r} was given.")
     start = time.perf_counter()
     threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(THREADS)
@@ -177,7 +181,8 @@ def _method(seed: int, iterations: int):
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(SAMPLING, seed)
+    # + 1: SimpleITK's seed 0 (sitkWallClock) draws a new sample on every call
+    method.SetMetricSamplingPercentage(SAMPLING, int(seed) + 1)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(
         learningRate=1.0, minStep=1e-4, numberOfIterations=iterations,
