@@ -9,6 +9,7 @@ workers or processes, and a resumed run sees the same augmentations as an uninte
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -29,6 +30,9 @@ SPLITS = ("train", "val", "test")
 
 #: Side of the box that ``augment.erase`` erases, as a fraction of the grid along each axis.
 ERASE_FRACTION = 1 / 3
+
+#: Volumes read by :meth:`CohortDataset.fingerprint`.
+FINGERPRINT_VOLUMES = 8
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,23 @@ class CohortDataset(Dataset):
             rng = np.random.default_rng(_mix(self.seed, self.epoch, int(self.indices[i])))
             x = torch.from_numpy(self.augment(x.numpy(), rng))
         return x[None], self.ages[i]
+
+    def fingerprint(self, n_volumes: int = FINGERPRINT_VOLUMES) -> str:
+        """A digest of the items' images as prepared (before augmentation).
+
+        The SHA-256 of the grid shape, the positions and the float32 bytes of up to
+        ``n_volumes`` volumes spread evenly over the items: a checkpoint records it, so
+        that the same subjects prepared differently (another registration, mask or
+        normalisation) are told apart from the images it was trained on. A sample, so
+        that it costs a few reads at any cohort size; any change of the preparation
+        changes every image, so a sample sees it.
+        """
+        digest = hashlib.sha256(repr(self.shape).encode())
+        n = len(self)
+        for i in sorted({int(k) for k in np.linspace(0, n - 1, min(n, n_volumes))}):
+            digest.update(int(self.indices[i]).to_bytes(8, "little"))
+            digest.update(np.ascontiguousarray(self._read(i)).tobytes())
+        return digest.hexdigest()[:16]
 
     def _read(self, i: int | slice) -> np.ndarray:
         """Read volume(s) from the memmap as a float32 array."""

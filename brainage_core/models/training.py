@@ -546,6 +546,9 @@ class _Trainer:
             [float(train_data[i][1]) for i in range(len(train_data))])
         self.data_id = {"n_train": len(train_data), "n_val": len(val_data),
                         "train_age_sum": round(float(np.sum(ages)), 3)}
+        if hasattr(train_data, "fingerprint") and hasattr(val_data, "fingerprint"):
+            # the images themselves: the same subjects prepared otherwise are other data
+            self.data_id["images"] = [train_data.fingerprint(), val_data.fingerprint()]
         _seed_everything(cfg.seed)
         self.model = build_model(
             cfg.architecture, **cfg.model_kwargs(train_data.shape, ages)
@@ -779,7 +782,7 @@ class _Trainer:
                         self.checkpoint,
                     )
                 saved["batch_size"] = mine["batch_size"]
-        if saved != mine or ckpt["data"] != self.data_id:
+        if saved != mine or not _same_data(ckpt["data"], self.data_id):
             raise BrainAgeInputError(
                 "this checkpoint was written with other settings or data, so it cannot be "
                 "resumed; delete it or pass resume=False to start again "
@@ -799,6 +802,16 @@ class _Trainer:
         self.best_state = {k: v.to(self.device) for k, v in ckpt["state_dict"].items()}
         self.history = list(t["history"])
         return self.epoch
+
+
+def _same_data(saved: dict[str, Any], mine: dict[str, Any]) -> bool:
+    """Whether a checkpoint's data record matches this run's.
+
+    Every field the checkpoint recorded must match; a field added since (``images``, the
+    images' fingerprint, in session 10) is compared only when the checkpoint has it, so
+    an older checkpoint is judged as before.
+    """
+    return all(mine.get(key) == value for key, value in saved.items())
 
 
 def _settings_of(ckpt: dict[str, Any]) -> dict[str, Any]:

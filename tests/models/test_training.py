@@ -149,6 +149,27 @@ def test_resuming_with_other_settings_is_a_clear_error(cohort, tmp_path):
                     checkpoint=tmp_path / "p.pt", resume=False, progress=False)
 
 
+def test_the_same_subjects_prepared_otherwise_are_not_read_back(tmp_path):
+    # Same subjects, same ages, same settings, but other images (as after a change of
+    # registration): the finished checkpoint must not be taken for this data's predictor.
+    first, second = FakeCohort(n=30, seed=0), FakeCohort(n=30, seed=0)
+    second.images = (first.images.astype(np.float32) * 1.01).astype(np.float16)
+    ds1, ds2 = cohort_datasets(first, TINY), cohort_datasets(second, TINY)
+    assert ds1["train"].fingerprint() != ds2["train"].fingerprint()
+    assert ds1["train"].fingerprint() == cohort_datasets(first, TINY)["train"].fingerprint()
+    train_predictor({**TINY, "epochs": 1}, ds1["train"], ds1["val"],
+                    checkpoint=tmp_path / "p.pt", progress=False)
+    with pytest.raises(BrainAgeInputError, match="p.pt: .*other settings or data"):
+        train_predictor({**TINY, "epochs": 1}, ds2["train"], ds2["val"],
+                        checkpoint=tmp_path / "p.pt", progress=False)
+    # a checkpoint written before the fingerprint existed is judged as before
+    ckpt = torch.load(tmp_path / "p.pt", weights_only=False)
+    del ckpt["data"]["images"]
+    torch.save(ckpt, tmp_path / "p.pt")
+    train_predictor({**TINY, "epochs": 1}, ds1["train"], ds1["val"],
+                    checkpoint=tmp_path / "p.pt", progress=False)
+
+
 def test_a_checkpoint_from_before_an_augmentation_existed_still_resumes(cohort, tmp_path):
     # A run trained before 'augment.erase' (or 'min_steps') existed stored the other
     # settings only; with the new ones at their defaults it trains the same, so it must
