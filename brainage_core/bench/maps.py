@@ -21,6 +21,11 @@ rank, deletion / insertion / ROAD areas, the like-for-like ratio, the sanity che
 robustness and milliseconds per subject, and where the noise maps stand against the goal.
 The table of the run is read when step 06 has written it, else computed.
 
+With ``--per-subject RUN_DIR`` it scores variants of the per-subject mode instead
+(:func:`brainage_core.study.compare.per_subject_variants`): the run's settings, then each
+``--variant NAME:KEY=VALUE[,KEY=VALUE]`` (logit coarseness, learning rate, operating point
+``mean_b``, added noise), on the comparison subjects, beside the amortised model's AUROC.
+
 Every run lives in its own run folder (``--out``, default a temporary folder), so a second
 call with the same folder reuses the trained models.
 
@@ -28,6 +33,8 @@ Usage::
 
     brainage-study bench maps [--preset default] [--replant putamen] [-p KEY VALUE]...
     brainage-study bench maps --compare runs/default [-p maps.compare_subjects 4]
+    brainage-study bench maps --per-subject runs/default --variant coarse4:coarse=4 \
+        --variant budget:mean_b=0.8
     python -m brainage_core.bench.maps --n-subjects 400 --resolution 8 --replant occipital
 """
 
@@ -49,6 +56,7 @@ import torch
 from brainage_core._utils.docs import fill_doc
 from brainage_core._utils.io import write_table
 from brainage_core._utils.validation import BrainAgeInputError
+from brainage_core.analysis.localisation import localisation_auroc
 from brainage_core.study import average, compare, explain, maps
 from brainage_core.study.config import load_config
 from brainage_core.study.maps import MapsConfig
@@ -135,6 +143,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the comparison of every attribution method on this run folder (step 06; "
         "computed when the run has no tables/method_comparison.csv) and stop",
     )
+    p.add_argument(
+        "--per-subject",
+        metavar="RUN_DIR",
+        default=None,
+        help="score variants of the per-subject mode on this run folder's comparison "
+        "subjects (the run's settings first, then each --variant) and stop",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+        help="with --per-subject: a variant changing some of "
+        f"{', '.join(compare.PER_SUBJECT_VARIANT_KEYS)} (repeat for several), e.g. "
+        "coarse4:coarse=4 or budget:mean_b=0.8",
+    )
+    p.add_argument(
+        "--per-subject-steps", type=int, default=100,
+        help="with --per-subject: optimisation steps of every variant, the stopping rule off "
+        "(default: 100)",
+    )
     return p
 
 
@@ -154,6 +183,10 @@ def run(args: Any = None) -> dict[str, Any]:
     opts = _parse(args)
     if opts.compare:
         return compare_run(opts.compare, overrides=_maps_overrides(opts.set))
+    if opts.per_subject:
+        return per_subject_run(opts.per_subject, parse_variants(opts.variant),
+                               steps=opts.per_subject_steps,
+                               overrides=_maps_overrides(opts.set, "--per-subject"))
     out = Path(opts.out) if opts.out else Path(tempfile.mkdtemp(prefix="bench-maps-"))
     overrides: list[tuple[str, Any]] = [tuple(kv) for kv in opts.set]  # type: ignore[misc]
     if opts.n_subjects is not None:
@@ -432,7 +465,8 @@ def _print_figures(name: str, f: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def _maps_overrides(pairs: Sequence[Sequence[str]]) -> dict[str, Any]:
+def _maps_overrides(pairs: Sequence[Sequence[str]], option: str = "--compare"
+                    ) -> dict[str, Any]:
     """``-p maps.KEY VALUE`` pairs as ``{KEY: value}`` (YAML-parsed values)."""
     import yaml
 
@@ -440,7 +474,7 @@ def _maps_overrides(pairs: Sequence[Sequence[str]]) -> dict[str, Any]:
     for key, value in pairs:
         if not key.startswith("maps."):
             raise BrainAgeInputError(
-                f"--compare takes only maps.* overrides; {key!r} was provided."
+                f"{option} takes only maps.* overrides; {key!r} was provided."
             )
         out[key[len("maps.") :]] = yaml.safe_load(value)
     return out
@@ -474,6 +508,54 @@ def compare_run(run_dir: str | Path, *, overrides: dict[str, Any] | None = None)
         print(f"  {key}: {value}")
     sys.stdout.flush()
     return {"scores": _plain(summary.to_dict(orient="records")), "goal": _plain(goal)}
+
+
+def parse_variants(specs: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``NAME:KEY=VALUE[,KEY=VALUE]`` strings as ``{NAME: {KEY: value}}``, the run's
+    settings (``"the run's"``, no change) first; values are read as YAML."""
+    import yaml
+
+    variants: dict[str, dict[str, Any]] = {"the run's": {}}
+    for spec in specs:
+        name, sep, body = spec.partition(":")
+        pairs = [part.partition("=") for part in body.split(",") if part]
+        if not sep or not name or not pairs or any(not k or not eq for k, eq, _ in pairs):
+            raise BrainAgeInputError(
+                f"--variant must read NAME:KEY=VALUE[,KEY=VALUE]; {spec!r} was provided.")
+        if name in variants:
+            raise BrainAgeInputError(f"--variant: the name {name!r} is given twice.")
+        variants[name] = {k.strip(): yaml.safe_load(v) for k, _, v in pairs}
+    return variants
+
+
+def per_subject_run(run_dir: str | Path, variants: dict[str, dict[str, Any]], *,
+                    steps: int = 100, overrides: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """Print (and return) variants of the per-subject mode on a run folder's subjects.
+
+    Runs :func:`brainage_core.study.compare.per_subject_variants` on the comparison
+    subjects (``maps.compare_subjects``, or ``overrides``) with the run's noise model,
+    beside the amortised model's AUROC on the same subjects. Writes nothing.
+    """
+    study = maps.MapsStudy.open(run_dir, overrides=overrides, progress=False)
+    explainer = explain.load_noise_model(study)
+    truth = maps.load_truth(study)
+    if truth is None:
+        raise BrainAgeInputError(
+            "--per-subject needs a synthetic run (its planted truth scores the maps).",
+            run_dir)
+    images = study.images(study.indices("test", study.settings.compare_subjects))
+    amortised = explainer.attribute(images)
+    auroc = localisation_auroc(amortised.mean(0)[0].numpy(), truth.mask, study.cohort.mask)
+    mean_b = float(explain.mean_noise_levels(study, explainer.noise_level(images)).mean())
+    print(f"per-subject variants on {len(images)} comparison subjects of {study.run.root} "
+          f"({steps} steps each, the stopping rule off); the amortised model's mean map: "
+          f"AUROC {auroc:.3f} at mean B {mean_b:.3f}", flush=True)
+    table = compare.per_subject_variants(study, explainer, variants, steps=steps)
+    with pd.option_context("display.width", 250, "display.max_columns", 20):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"), flush=True)
+    return {"amortised_auroc": auroc, "amortised_mean_b": mean_b,
+            "variants": _plain(table.to_dict(orient="records"))}
 
 
 def _parse(args: Any) -> argparse.Namespace:

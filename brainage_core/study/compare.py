@@ -11,8 +11,9 @@ insertion, ROAD, the like-for-like noise test), the sanity check, robustness and
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,7 @@ from brainage_core.analysis.sanity import (
 )
 from brainage_core.explain.captum import CaptumExplainer
 from brainage_core.explain.noise.amortised import NoiseMapExplainer
+from brainage_core.explain.noise.per_subject import PerSubjectNoiseMap
 from brainage_core.explain.protocol import attribute_each
 from brainage_core.explain.reference import FixedMap, RandomMap
 from brainage_core.models.distributed import (
@@ -101,29 +103,115 @@ def per_subject_convergence(
         return pd.DataFrame(columns=columns)
     n = study.settings.compare_subjects if n_subjects is None else int(n_subjects)
     images = study.images(study.indices("test", n))
-    positives, scored = truth.core()
     rows = []
     budgets: list[Any] = [*(int(k) for k in steps), "rule"]
     for budget in budgets:
         method = per_subject_explainer(study, explainer, images)
         if budget != "rule":
             method.steps, method.patience = int(budget), None
-        maps = method.attribute(images)
-        mean = maps.mean(0)[0].numpy()
-        last = method.history_.iloc[-1]
-        rows.append(
-            {
-                "steps": str(budget),
-                "steps_run": method.steps_run_,
-                "objective": float(last["objective"]),
-                "mean_b": float(last["mean_b"]),
-                "localisation_auroc": localisation_auroc(mean, truth.mask, study.cohort.mask),
-                "localisation_auroc_core": localisation_auroc(
-                    mean, positives, study.cohort.mask & scored
-                ),
-            }
-        )
+        row = _score_per_subject(study, truth, method, images)
+        rows.append({"steps": str(budget), **{k: row[k] for k in columns[1:]}})
     return pd.DataFrame(rows, columns=columns)
+
+
+#: Settings of the per-subject mode that :func:`per_subject_variants` may change, and
+#: how each value is read.
+PER_SUBJECT_VARIANT_KEYS: dict[str, Callable[[Any], Any]] = {
+    "coarse": int, "lr": float, "mean_b": float, "noise_sd": float, "fixed_noise": bool,
+    "area_weight": float,
+}
+
+
+def per_subject_variants(
+    study: MapsStudy,
+    explainer: NoiseMapExplainer,
+    variants: dict[str, dict[str, Any]],
+    *,
+    steps: int = 100,
+    n_subjects: int | None = None,
+) -> pd.DataFrame:
+    """The per-subject mode with some of its settings changed, scored side by side.
+
+    Each variant starts from the study's per-subject explainer
+    (:func:`~brainage_core.study.explain.per_subject_explainer`: the run's settings, the
+    amortised operating point) and changes the settings it names
+    (:data:`PER_SUBJECT_VARIANT_KEYS`; ``noise_sd`` adds noise to a replacement
+    perturbation, with a new draw every step). The comparison subjects are optimised for ``steps`` steps, the
+    stopping rule off, and scored. Synthetic cohorts only (returns an empty table
+    otherwise).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per variant: ``variant``, ``mean_b_target``, ``steps_run``,
+        ``objective_first`` and ``objective`` (the first and the last step, years),
+        ``mean_b``, ``localisation_auroc`` (the mean map), ``localisation_auroc_core``,
+        ``auroc_per_image`` (mean over the images), ``b_p5`` and ``b_p95`` (the spread of
+        B in the brain) and ``seconds``.
+
+    Raises
+    ------
+    BrainAgeInputError
+        If a variant names another setting, or adds noise to the additive perturbation.
+    """
+    for name, changes in variants.items():
+        unknown = sorted(set(changes) - set(PER_SUBJECT_VARIANT_KEYS))
+        if unknown:
+            raise BrainAgeInputError(
+                f"per-subject variant {name!r}: {unknown} cannot be changed; the settings "
+                f"are {list(PER_SUBJECT_VARIANT_KEYS)}."
+            )
+        if "noise_sd" in changes and explainer.noise.perturbation == "additive":
+            raise BrainAgeInputError(
+                f"per-subject variant {name!r}: noise_sd adds noise to the replacement "
+                "perturbations; this run's perturbation is 'additive'."
+            )
+    truth = load_truth(study)
+    if truth is None:
+        return pd.DataFrame()
+    n = study.settings.compare_subjects if n_subjects is None else int(n_subjects)
+    images = study.images(study.indices("test", n))
+    rows = []
+    for name, changes in variants.items():
+        method = per_subject_explainer(study, explainer, images)
+        method.steps, method.patience = int(steps), None
+        changes = dict(changes)
+        if "noise_sd" in changes:
+            noise = replace(method.noise, noise_sd=float(changes.pop("noise_sd")))
+            method = PerSubjectNoiseMap(
+                method.predictor, noise, mask=study.cohort.mask, reference=method.reference,
+                steps=method.steps, lr=method.lr, coarse=method.coarse, fixed_noise=False,
+                mean_b=method.mean_b, area_weight=method.area_weight, patience=None)
+        for key, value in changes.items():
+            setattr(method, key, PER_SUBJECT_VARIANT_KEYS[key](value))
+        start = time.perf_counter()
+        row = _score_per_subject(study, truth, method, images)
+        rows.append({"variant": name, "mean_b_target": method.mean_b, **row,
+                     "seconds": time.perf_counter() - start})
+    return pd.DataFrame(rows)
+
+
+def _score_per_subject(study: MapsStudy, truth: Any, method: PerSubjectNoiseMap,
+                       images: torch.Tensor) -> dict[str, Any]:
+    """Explain ``images`` with a per-subject explainer; score the mean map and each map."""
+    maps = method.attribute(images)
+    mask = study.cohort.mask
+    positives, scored = truth.core()
+    history = method.history_
+    b = 1.0 - maps[:, 0].numpy()[:, mask]
+    return {
+        "steps_run": method.steps_run_,
+        "objective_first": float(history["objective"].iloc[0]),
+        "objective": float(history["objective"].iloc[-1]),
+        "mean_b": float(history["mean_b"].iloc[-1]),
+        "localisation_auroc": localisation_auroc(maps.mean(0)[0].numpy(), truth.mask, mask),
+        "localisation_auroc_core": localisation_auroc(
+            maps.mean(0)[0].numpy(), positives, mask & scored),
+        "auroc_per_image": float(np.mean(
+            [localisation_auroc(m[0].numpy(), truth.mask, mask) for m in maps])),
+        "b_p5": float(np.percentile(b, 5)),
+        "b_p95": float(np.percentile(b, 95)),
+    }
 
 
 # -- 06: comparison with every method ------------------------------------------------------

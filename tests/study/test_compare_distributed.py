@@ -26,11 +26,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers.runs import make_trained_run
-from helpers.synth import TINY_CONFIG
+from helpers.runs import MAPS, make_compare_run, run_with_noise_model
 
 from brainage_core.data.cohort import load_cohort
-from brainage_core.data.synth import SynthConfig, generate_cohort
 from brainage_core.models.training import cohort_datasets, train_predictor
 from brainage_core.study import compare, explain
 from brainage_core.study.launch import launch_step
@@ -39,14 +37,6 @@ from brainage_core.study.rundir import RunDir
 
 torch.set_num_threads(1)
 
-MAPS = {
-    "epochs": 1, "batch_size": 2, "channels": 2, "depth": 1, "device": "cpu",
-    "allow_untrained_predictor": True, "per_subject_steps": 5,
-    "compare_subjects": 3, "sanity_subjects": 2, "road_subjects": 1, "deletion_steps": 4,
-    "baselines": ["smoothgrad", "integrated_gradients"], "ig_steps": 4, "shap_samples": 2,
-    "bootstrap": 10, "sanity_epochs": 1, "sanity_train_subjects": 2, "faithfulness_draws": 2,
-    "min_region_voxels": 1, "reliance_subjects": 0,
-}
 
 #: Columns that measure the machine, not the method.
 COST = ("ms_per_subject", "peak_rss_mb", "peak_python_mb")
@@ -54,28 +44,11 @@ COST = ("ms_per_subject", "peak_rss_mb", "peak_python_mb")
 
 @pytest.fixture(scope="module")
 def compare_run(tmp_path_factory) -> RunDir:
-    """A tiny trained run on 8 subjects at 8 mm split 3 / 2 / 3 (the model-free ceiling map
-    needs 3 training subjects, the bias correction 2 validation subjects)."""
-    root = tmp_path_factory.mktemp("compare")
-    cohort = generate_cohort(SynthConfig.from_dict({**TINY_CONFIG, "n_subjects": 8}),
-                             root / "bids", n_jobs=1, progress=False)
-    return make_trained_run(root / "run", cohort, root / "cache",
-                            split_fractions=(0.375, 0.25, 0.375))
-
-
-def _run_with_noise_model(trained_run: RunDir, where) -> RunDir:
-    shutil.copytree(trained_run.root, where)
-    run = RunDir(where)
-    config = run.load_config()
-    config["maps"] = dict(MAPS)
-    run.write_config(config)
-    study = MapsStudy.open(run.root, progress=False)
-    explain.fit_noise_model(study, progress=False)
-    return run
+    return make_compare_run(tmp_path_factory.mktemp("compare"))
 
 
 def test_two_torchrun_processes_write_the_comparison_of_one(compare_run, tmp_path):
-    one = _run_with_noise_model(compare_run, tmp_path / "one")
+    one = run_with_noise_model(compare_run, tmp_path / "one")
     two = tmp_path / "two"
     shutil.copytree(one.root, two)
     study = MapsStudy.open(one.root, progress=False)
