@@ -114,12 +114,8 @@ def per_subject_convergence(
     return pd.DataFrame(rows, columns=columns)
 
 
-#: Settings of the per-subject mode that :func:`per_subject_variants` may change, and
-#: how each value is read.
-PER_SUBJECT_VARIANT_KEYS: dict[str, Callable[[Any], Any]] = {
-    "coarse": int, "lr": float, "mean_b": float, "noise_sd": float, "fixed_noise": bool,
-    "area_weight": float,
-}
+#: Settings of the per-subject mode that :func:`per_subject_variants` may change.
+PER_SUBJECT_VARIANT_KEYS = ("coarse", "lr", "mean_b", "noise_sd", "fixed_noise", "area_weight")
 
 
 def per_subject_variants(
@@ -135,10 +131,10 @@ def per_subject_variants(
     Each variant starts from the study's per-subject explainer
     (:func:`~brainage_core.study.explain.per_subject_explainer`: the run's settings, the
     amortised operating point) and changes the settings it names
-    (:data:`PER_SUBJECT_VARIANT_KEYS`; ``noise_sd`` adds noise to a replacement
-    perturbation, with a new draw every step). The comparison subjects are optimised for ``steps`` steps, the
-    stopping rule off, and scored. Synthetic cohorts only (returns an empty table
-    otherwise).
+    (:data:`PER_SUBJECT_VARIANT_KEYS`, validated as :class:`PerSubjectNoiseMap` validates
+    them; ``noise_sd`` adds noise to a replacement perturbation, with a new draw every
+    step). The comparison subjects are optimised for ``steps`` steps, the stopping rule
+    off, and scored. Synthetic cohorts only (returns an empty table otherwise).
 
     Returns
     -------
@@ -172,18 +168,18 @@ def per_subject_variants(
     n = study.settings.compare_subjects if n_subjects is None else int(n_subjects)
     images = study.images(study.indices("test", n))
     rows = []
+    base = per_subject_explainer(study, explainer, images)
     for name, changes in variants.items():
-        method = per_subject_explainer(study, explainer, images)
-        method.steps, method.patience = int(steps), None
+        settings = {"steps": int(steps), "patience": None, "lr": base.lr,
+                    "coarse": base.coarse, "fixed_noise": base.fixed_noise,
+                    "mean_b": base.mean_b, "area_weight": base.area_weight, "tol": base.tol}
         changes = dict(changes)
+        noise = base.noise
         if "noise_sd" in changes:
-            noise = replace(method.noise, noise_sd=float(changes.pop("noise_sd")))
-            method = PerSubjectNoiseMap(
-                method.predictor, noise, mask=study.cohort.mask, reference=method.reference,
-                steps=method.steps, lr=method.lr, coarse=method.coarse, fixed_noise=False,
-                mean_b=method.mean_b, area_weight=method.area_weight, patience=None)
-        for key, value in changes.items():
-            setattr(method, key, PER_SUBJECT_VARIANT_KEYS[key](value))
+            noise = replace(noise, noise_sd=float(changes.pop("noise_sd")))
+            settings["fixed_noise"] = False
+        method = PerSubjectNoiseMap(base.predictor, noise, mask=study.cohort.mask,
+                                    reference=base.reference, **{**settings, **changes})
         start = time.perf_counter()
         row = _score_per_subject(study, truth, method, images)
         rows.append({"variant": name, "mean_b_target": method.mean_b, **row,

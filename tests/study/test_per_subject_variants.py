@@ -44,6 +44,9 @@ def test_per_subject_variants_score_each_variant_from_the_runs_settings(run, cap
     with pytest.raises(BrainAgeInputError, match="'budget'.*cannot be changed"):
         compare.per_subject_variants(study, explain.load_noise_model(study),
                                      {"budget": {"steps": 3}})
+    with pytest.raises(BrainAgeInputError, match="coarse"):  # validated as the explainer does
+        compare.per_subject_variants(study, explain.load_noise_model(study),
+                                     {"bad": {"coarse": 0}}, steps=2)
     additive = run_with_noise_model(run, tmp_path / "additive", perturbation="additive")
     study = MapsStudy.open(additive.root, progress=False)
     with pytest.raises(BrainAgeInputError, match="noise_sd.*replacement.*'additive'"):
