@@ -66,13 +66,21 @@ def plot_qc_mosaic(table: pd.DataFrame, template: Template, *,
     return fig
 
 
+#: Flagged subjects the QC mosaic shows at most; the page's table lists every subject.
+MAX_FLAGGED_SHOWN = 24
+
+
 def write_qc_page(table: pd.DataFrame, out: str | os.PathLike, template: Template, *,
-                  title: str = "Quality control", n_typical: int = 3) -> Path:
-    """``OUT/qc_mosaic.png`` (every flagged subject and a few typical ones) and ``OUT/qc.html``.
+                  title: str = "Quality control", n_typical: int = 3,
+                  max_flagged: int = MAX_FLAGGED_SHOWN) -> Path:
+    """``OUT/qc_mosaic.png`` (flagged subjects and a few typical ones) and ``OUT/qc.html``.
 
     The mosaic shows, per subject, three orthogonal slices of the image as ``predict``
-    prepared it (on the grid), with the template's brain outline; the page holds the
-    mosaic and the QC measures as a sortable table.
+    prepared it (on the grid), with the template's brain outline: every flagged subject,
+    or the ``max_flagged`` least similar to the template (lowest ``ncc``) when more are
+    flagged (a cohort flagged whole, for example for its voxel size, would otherwise make
+    a figure of thousands of rows), then ``n_typical`` typical ones. The page holds the
+    mosaic and the QC measures of every subject as a sortable table.
     """
     out = Path(out)
     flagged = table[~table["qc_pass"].astype(bool)]
@@ -82,14 +90,20 @@ def write_qc_page(table: pd.DataFrame, out: str | os.PathLike, template: Templat
         typical = passed.loc[order[:n_typical]]
     else:
         typical = passed.head(0)
-    chosen = pd.concat([flagged, typical])
+    shown_flagged = flagged
+    if len(flagged) > max_flagged:
+        worst = flagged.sort_values("ncc", kind="stable") if "ncc" in flagged else flagged
+        shown_flagged = worst.head(max_flagged)
     mosaic = out / "qc_mosaic.png"
-    plot_qc_mosaic(chosen, template, output_file=mosaic)
+    plot_qc_mosaic(pd.concat([shown_flagged, typical]), template, output_file=mosaic)
     shown = table.drop(columns=["path"], errors="ignore").round(3)
     rows = shown.to_html(index=False, classes="qc", table_id="qc", na_rep="",
                          escape=True, border=0)
+    which = ("every flagged subject" if len(shown_flagged) == len(flagged) else
+             f"the {len(shown_flagged)} flagged subjects least similar to the template "
+             f"(lowest NCC) of {len(flagged)}")
     page = _QC_HTML.format(title=html.escape(title), n=len(table), n_flagged=len(flagged),
-                           table=rows)
+                           which=which, table=rows)
     return write_text(out / "qc.html", page)
 
 
@@ -102,8 +116,8 @@ table.qc th, table.qc td {{ padding: 2px 6px; border-bottom: 1px solid #ddd; }}
 table.qc th {{ cursor: pointer; background: #f3f3f3; position: sticky; top: 0; }}
 </style></head><body>
 <h1>{title}</h1>
-<p>{n_flagged} of {n} subjects flagged. The mosaic shows every flagged subject, then a few
-typical ones, as prepared on the run's grid (red: the template's brain outline).
+<p>{n_flagged} of {n} subjects flagged. The mosaic shows {which}, then a few typical
+ones, as prepared on the run's grid (red: the template's brain outline).
 Click a column header to sort.</p>
 <img src="qc_mosaic.png" alt="QC mosaic" style="max-width: 100%">
 {table}
