@@ -195,14 +195,14 @@ def _score_per_subject(study: MapsStudy, truth: Any, method: PerSubjectNoiseMap,
     positives, scored = truth.core()
     history = method.history_
     b = 1.0 - maps[:, 0].numpy()[:, mask]
+    mean_map = maps.mean(0)[0].numpy()
     return {
         "steps_run": method.steps_run_,
         "objective_first": float(history["objective"].iloc[0]),
         "objective": float(history["objective"].iloc[-1]),
         "mean_b": float(history["mean_b"].iloc[-1]),
-        "localisation_auroc": localisation_auroc(maps.mean(0)[0].numpy(), truth.mask, mask),
-        "localisation_auroc_core": localisation_auroc(
-            maps.mean(0)[0].numpy(), positives, mask & scored),
+        "localisation_auroc": localisation_auroc(mean_map, truth.mask, mask),
+        "localisation_auroc_core": localisation_auroc(mean_map, positives, mask & scored),
         "auroc_per_image": float(np.mean(
             [localisation_auroc(m[0].numpy(), truth.mask, mask) for m in maps])),
         "b_p5": float(np.percentile(b, 5)),

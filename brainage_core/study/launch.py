@@ -49,6 +49,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from brainage_core.study.rundir import RunDir
+
 #: Environment variable holding the number of processes per node of the heavy steps.
 NPROC_ENV = "BRAINAGE_NPROC"
 
@@ -129,8 +131,6 @@ SUMMARY_PREFIXES = ("global batch", "min_steps")
 
 def launch_log(run_dir: str | os.PathLike, step: str) -> Path:
     """``RUN_DIR/logs/launch-<step>.log``: the output of a step run under ``torchrun``."""
-    from brainage_core.study.rundir import RunDir
-
     return RunDir(run_dir).logs / f"launch-{step}.log"
 
 
